@@ -1,0 +1,10 @@
+"""Error types raised on bad user input.
+
+Every user-facing error is a :class:`RankwiseError` (a ``ValueError``) whose message says
+what was wrong and what to do. Raising one must leave the model, files and optimizer state
+as they were: validate first, mutate last.
+"""
+
+
+class RankwiseError(ValueError):
+    """Bad input to a rankwise API or command; the message says how to fix it."""
