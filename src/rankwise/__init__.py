@@ -1,0 +1,45 @@
+"""rankwise: low rank for cheap large-model training, measured side by side.
+
+Pillars (each a sub-package with its own registry):
+
+- ``rankwise.adapters``  parameter-efficient fine-tuning (``adapt``, ``merge``, ``unload``, ...)
+- ``rankwise.optim``     low-rank gradient-projection optimizers (``build``, ``state_bytes``)
+- ``rankwise.pretrain``  low-rank / sparse parametrisations for training from scratch
+- ``rankwise.compress``  low-rank compression of trained models
+- ``rankwise.analyze``   spectral diagnostics
+- ``rankwise.bench``     the side-by-side benchmark behind ``rankwise bench``
+"""
+
+from rankwise import analyze, optim, pretrain
+from rankwise.adapters import (
+    adapt,
+    load_adapter,
+    merge,
+    methods,
+    save_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from rankwise.compress import compress, load_compressed, save_compressed
+from rankwise.errors import RankwiseError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RankwiseError",
+    "adapt",
+    "analyze",
+    "compress",
+    "load_adapter",
+    "load_compressed",
+    "merge",
+    "methods",
+    "optim",
+    "pretrain",
+    "save_adapter",
+    "save_compressed",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,89 @@
+"""Turn benchmark rows into a printed table, results.json, results.csv and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+COLUMNS = (
+    ("setup", "set-up", "{}"),
+    ("trainable_params", "trainable", "{:,}"),
+    ("optimizer_state_mb", "opt-state MB", "{:.2f}"),
+    ("peak_memory_mb", "peak MB", "{:.1f}"),
+    ("ms_per_step", "ms/step", "{:.0f}"),
+    ("init_seconds", "init s", "{:.2f}"),
+    ("final_val_loss", "val loss", "{:.4f}"),
+    ("final_val_ppl", "val ppl", "{:.2f}"),
+)
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return pattern.format(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """A fixed-width text table of the comparable columns (plus the early-loss column)."""
+    early = next((k for k in rows[0] if k.startswith("val_loss_at_")), None) if rows else None
+    columns = list(COLUMNS)
+    if early:
+        columns.insert(-2, (early, early.replace("val_loss_at_", "loss@"), "{:.4f}"))
+    header = [c[1] for c in columns]
+    body = [[_fmt(row.get(key), pattern) for key, _, pattern in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    lines = [title] if title else []
+    lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    lines.append("  ".join("-" * w for w in widths))
+    for r in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, suites: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> list[Path]:
+    """Write results.json (everything), results.csv (one row per set-up) and loss_curves.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({"meta": meta, "suites": suites}, indent=2))
+
+    csv_path = out_dir / "results.csv"
+    flat = [{"suite": name, **{k: v for k, v in row.items() if k not in ("history", "setup_spec")}}
+            for name, rows in suites.items() for row in rows]
+    fields: list[str] = []
+    for row in flat:
+        fields += [k for k in row if k not in fields]
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+
+    png_path = out_dir / "loss_curves.png"
+    plot_curves(suites, png_path)
+    return [json_path, csv_path, png_path]
+
+
+def plot_curves(suites: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """One panel per suite: validation loss against step for every set-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.2), squeeze=False)
+    for ax, (suite, rows) in zip(axes[0], suites.items()):
+        for row in rows:
+            points = [(h["step"], h["val_loss"]) for h in row["history"] if "val_loss" in h]
+            if points:
+                steps, losses = zip(*points)
+                ax.plot(steps, losses, marker="o", markersize=3, label=row["setup"])
+        ax.set_title(f"{suite}: validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Run set-ups side by side on one workload and collect comparable rows.
+
+Every set-up of a run starts from the same model (a fresh random init with the same seed
+for pretraining, the same base checkpoint for fine-tuning), sees the same batches in the
+same order, and is measured the same way (see :func:`rankwise.training.train`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rankwise.bench.suites import SetUp
+from rankwise.data.batches import TokenBatches
+from rankwise.errors import RankwiseError
+from rankwise.training import cosine_schedule, train
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How long and on what shape of batches each set-up trains."""
+
+    steps: int = 150
+    batch_size: int = 8
+    seq_len: int = 128
+    eval_every: int = 25
+    eval_batches: int = 8
+    warmup_steps: int = 10
+    early_step: int = 25
+    seed: int = 0
+
+
+@dataclass
+class Workload:
+    """A model factory and the data every set-up of a suite trains and evaluates on."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    train_tokens: torch.Tensor
+    eval_data: list[dict]
+    hidden_size: int
+
+    def batches(self, config: RunConfig) -> TokenBatches:
+        return TokenBatches(self.train_tokens, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
+
+
+def _adapter_data(setup: SetUp, batches: TokenBatches, count: int = 4) -> list[dict] | None:
+    from rankwise.adapters import ADAPTERS
+
+    if not getattr(ADAPTERS.get(setup.method), "needs_data", False):
+        return None
+    return [next(batches) for _ in range(count)]
+
+
+def prepare(setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches) -> torch.optim.Optimizer:
+    """Apply ``setup`` to ``model`` in place and return the optimizer that trains it."""
+    import rankwise
+    from rankwise import optim as rw_optim
+    from rankwise import pretrain
+
+    rank = setup.resolved_rank(hidden_size)
+    rank_kw = {} if rank is None else {"rank": rank}
+    if setup.kind == "full":
+        return torch.optim.AdamW(model.parameters(), lr=setup.lr)
+    if setup.kind == "optim":
+        return rw_optim.build(model, setup.method, lr=setup.lr, **rank_kw, **setup.options)
+    if setup.kind == "adapter":
+        rankwise.adapt(model, setup.method, **rank_kw, data=_adapter_data(setup, data_batches), **setup.options)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
+    if setup.kind == "parametrize":
+        pretrain.parametrize(model, setup.method, **rank_kw, **setup.options)
+        return torch.optim.AdamW(model.parameters(), lr=setup.lr)
+    raise RankwiseError(f"set-up {setup.name!r} has unknown kind {setup.kind!r}")
+
+
+def _early_val_loss(history: list[dict[str, Any]], step: int) -> float | None:
+    for record in history:
+        if record["step"] >= step and "val_loss" in record:
+            return record["val_loss"]
+    return None
+
+
+def run_setup(
+    setup: SetUp,
+    workload: Workload,
+    config: RunConfig,
+    *,
+    progress: Any = None,
+) -> tuple[dict[str, Any], nn.Module]:
+    """Train one set-up; return its result row and the trained model."""
+    from rankwise.optim import state_bytes
+
+    torch.manual_seed(config.seed)
+    model = workload.make_model()
+    batches = workload.batches(config)
+    started = time.perf_counter()
+    optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches))
+    init_seconds = time.perf_counter() - started
+    scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    result = train(
+        model,
+        optimizer,
+        batches,
+        steps=config.steps,
+        eval_batches=workload.eval_data,
+        eval_every=config.eval_every,
+        scheduler=scheduler,
+        progress=progress,
+    )
+    row = {
+        "setup": setup.name,
+        "kind": setup.kind,
+        "method": setup.method,
+        "rank": setup.resolved_rank(workload.hidden_size),
+        "lr": setup.lr,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init_seconds": init_seconds,
+        "optimizer_state_mb": state_bytes(optimizer) / MB,
+        "peak_memory_mb": result.peak_memory_mb,
+        "ms_per_step": result.ms_per_step,
+        f"val_loss_at_{config.early_step}": _early_val_loss(result.history, config.early_step),
+        "final_val_loss": result.final_val_loss,
+        "final_val_ppl": result.final_val_ppl,
+        "history": result.history,
+        "setup_spec": asdict(setup),
+    }
+    return row, model
