@@ -73,7 +73,9 @@ class FactorizedLinear(nn.Module):
         if bias is not None and bias.shape != (up.shape[0],):
             raise RankwiseError(f"bias must have shape ({up.shape[0]},), got {tuple(bias.shape)}")
         like = bias if bias is not None else up
-        layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=like.device, dtype=like.dtype)
+        layer = cls(
+            down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=like.device, dtype=like.dtype
+        )
         with torch.no_grad():
             layer.up.weight.copy_(up)
             layer.down.weight.copy_(down)

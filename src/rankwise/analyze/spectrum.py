@@ -1,0 +1,41 @@
+"""Singular value spectrum of a weight matrix.
+
+``spectrum(W)`` returns ``sigma_1 >= sigma_2 >= ... >= sigma_min(m,n) >= 0`` of ``W`` as a
+float32 tensor on W's device (computed by :func:`rankwise.linalg.svd` in float32, float64
+for float64 inputs). ``W`` may be a 2-D tensor, an ``nn.Linear`` (its weight) or a
+:class:`~rankwise.nn.FactorizedLinear` (the dense product ``up @ down`` it applies).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.linalg.svd import svd
+from rankwise.nn import FactorizedLinear
+
+MatrixLike = Union[torch.Tensor, nn.Linear, FactorizedLinear]
+
+
+def as_matrix(matrix: MatrixLike) -> torch.Tensor:
+    """The 2-D weight behind ``matrix`` (detached)."""
+    if isinstance(matrix, FactorizedLinear):
+        with torch.no_grad():
+            return matrix.up.weight.float() @ matrix.down.weight.float()
+    if isinstance(matrix, nn.Linear):
+        return matrix.weight.detach()
+    if isinstance(matrix, torch.Tensor) and matrix.ndim == 2 and matrix.numel() > 0:
+        return matrix.detach()
+    raise RankwiseError(
+        f"expected a non-empty 2-D tensor, an nn.Linear or a FactorizedLinear, got "
+        f"{type(matrix).__name__}{tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else ''}"
+    )
+
+
+def spectrum(matrix: MatrixLike) -> torch.Tensor:
+    """Singular values of ``matrix``, descending, float32."""
+    _, singular_values, _ = svd(as_matrix(matrix))
+    return singular_values.float()

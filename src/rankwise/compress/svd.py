@@ -1,0 +1,48 @@
+"""Plain truncated SVD -- the data-free baseline of low-rank LLM compression.
+
+Paper: Kaushal, Vaidhya & Rish, "LORD: Low Rank Decomposition Of Monolingual Code LLMs For
+One-Shot Compression", arXiv 2309.14021. Each targeted weight ``W`` (out x in) is replaced
+by its best rank-``k`` approximation in Frobenius and spectral norm (Eckart-Young-Mirsky),
+
+    W ~ W_k = U_k S_k V_k^T = (U_k sqrt(S_k)) (sqrt(S_k) V_k^T) = up @ down,
+
+so ``||W - W_k||_F^2 = sum_{i>k} s_i^2`` and ``||W - W_k||_2 = s_{k+1}``. The SVD runs in
+float32 (float64 for float64 weights) through :mod:`rankwise.linalg`; factors are written
+back in the weight's dtype. The bias is kept as is.
+
+Options: ``niter`` (default None = exact thin SVD; an integer uses the randomized SVD of
+Halko et al. with that many power iterations, for large layers) and ``seed`` (for the
+randomized sketch). Deviation from LoRD: LoRD picks ranks per layer by a search on code
+perplexity; here every layer keeps the rank its share of ``ratio`` allows (see
+:mod:`rankwise.compress.core`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.adapters.statistics import LayerStatistics
+from rankwise.compress.core import COMPRESSORS, Compressor
+from rankwise.errors import RankwiseError
+from rankwise.linalg.lowrank import split_singular_values
+from rankwise.linalg.svd import truncated_svd
+
+
+@COMPRESSORS.register("svd")
+class SVDCompressor(Compressor):
+    """``up = U_k sqrt(S_k)``, ``down = sqrt(S_k) V_k^T`` of the weight itself."""
+
+    def __init__(self, niter: int | None = None, seed: int = 0) -> None:
+        if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+            raise RankwiseError(f"svd option niter must be None (exact SVD) or a non-negative integer, got {niter!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RankwiseError(f"svd option seed must be an integer, got {seed!r}")
+        self.niter = niter
+        self.seed = seed
+
+    def factorize(
+        self, name: str, linear: nn.Linear, rank: int, stats: LayerStatistics | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed) if self.niter is not None else None
+        return split_singular_values(*truncated_svd(linear.weight, rank, niter=self.niter, generator=generator))

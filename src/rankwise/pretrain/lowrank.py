@@ -1,0 +1,59 @@
+"""Low-rank pretraining from scratch: ``W = B A`` with both factors trainable.
+
+The "Low-Rank" baseline of Zhao et al., "GaLore: Memory-Efficient LLM Training by
+Gradient Low-Rank Projection", arXiv 2403.03507 (the "Low-Rank" row of its C4 pretraining
+table: the weight is factorised as ``W = BA`` and trained from scratch; it lags full-rank
+training markedly, which is GaLore's motivation). Each targeted ``out x in`` (``m x n``) Linear becomes a
+:class:`~rankwise.nn.FactorizedLinear`
+
+    y = B (A x) + b,   A = down.weight (r x n),  B = up.weight (m x r),
+
+with ``r (m + n)`` trainable weights instead of ``m n`` (the bias is kept as initialised).
+
+Initialisation (our choice; the paper does not specify one). Let ``sigma^2`` be the mean
+square of the dense layer's fresh init (so it follows whatever init the model uses:
+``N(0, 0.02^2)`` for LLaMA, Kaiming-uniform for plain ``nn.Linear``). Draw
+
+    A_ij ~ N(0, a^2),  B_ij ~ N(0, b^2),
+    a^2 = sigma sqrt(m / (n r)),  b^2 = sigma sqrt(n / (m r)),
+
+so every entry of the product has variance ``r a^2 b^2 = sigma^2`` -- the dense init's --
+and the two factors are balanced, ``E||A||_F^2 = E||B||_F^2 = sigma sqrt(m n r)`` (the
+Gaussian analogue of splitting singular values evenly). Neither factor is zero, so both get
+gradients from the first step. Option ``seed`` (default None = torch's global RNG, as model
+init) makes the draw reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.nn import FactorizedLinear
+from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
+
+
+@PARAMETRISATIONS.register("lowrank")
+class LowRank(Parametrisation):
+    """``W = B A``, balanced Gaussian factors whose product matches the dense init's variance."""
+
+    def __init__(self, rank: int, seed: int | None = None) -> None:
+        super().__init__(rank)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RankwiseError(f"lowrank option seed must be an integer or None, got {seed!r}")
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def build(self, name: str, linear: nn.Linear) -> FactorizedLinear:
+        weight = linear.weight
+        m, n, r = linear.out_features, linear.in_features, self.rank
+        sigma = math.sqrt(weight.detach().float().pow(2).mean().item())
+        std_down = math.sqrt(sigma * math.sqrt(m / (n * r)))
+        std_up = math.sqrt(sigma * math.sqrt(n / (m * r)))
+        # Drawn on the CPU in float32 so a seed gives the same factors on every device/dtype.
+        down = torch.randn(r, n, generator=self.generator) * std_down
+        up = torch.randn(m, r, generator=self.generator) * std_up
+        layer = FactorizedLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), linear.bias)
+        return layer.to(device=weight.device, dtype=weight.dtype)

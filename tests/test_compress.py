@@ -1,0 +1,350 @@
+"""Compression: exact SVD truncation identities, the ratio contract, save/load, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.compress import (
+    COMPRESSORS,
+    compress,
+    load_compressed,
+    plan_ranks,
+    rank_for_ratio,
+    save_compressed,
+)
+from rankwise.compress.svd import SVDCompressor
+from rankwise.errors import RankwiseError
+from rankwise.linalg import svd
+from rankwise.nn import FactorizedLinear
+
+
+@pytest.fixture(scope="module")
+def minilm_once(minilm_path):
+    """The real MiniLM, loaded once for this module; tests that mutate it take a deepcopy."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(minilm_path).eval()
+
+
+def matrix_with_spectrum(singular_values: list[float], out_features: int, in_features: int, seed: int = 0):
+    """``Q1 diag(s) Q2^T`` in float64 with orthonormal random Q1, Q2."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(singular_values)
+    q1, _ = torch.linalg.qr(torch.randn(out_features, k, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(in_features, k, generator=gen, dtype=torch.float64))
+    return q1 @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ q2.T
+
+
+def single_layer(weight: torch.Tensor, bias: bool = True) -> nn.Sequential:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return nn.Sequential(layer)
+
+
+def snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    return [type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    kinds, state = before
+    assert [type(m).__name__ for m in model.modules()] == kinds
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+# ---------------------------------------------------------------- exact truncation identities
+
+
+@pytest.mark.parametrize(
+    "shape, ratio",
+    [((40, 24), 0.5), ((24, 40), 0.3), ((32, 32), 0.8), ((64, 16), 0.9)],
+)
+def test_svd_error_equals_discarded_singular_values(shape, ratio):
+    m, n = shape
+    spectrum = [float(2.0 ** (-i / 3)) * 10 for i in range(min(m, n))]
+    weight = matrix_with_spectrum(spectrum, m, n)
+    model = single_layer(weight)
+    bias = model[0].bias.detach().clone()
+    compress(model, "svd", ratio=ratio)
+    layer = model[0]
+    k = rank_for_ratio(m, n, ratio)
+    assert isinstance(layer, FactorizedLinear) and layer.rank == k == math.floor(ratio * m * n / (m + n))
+    residual = weight - layer.dense_weight().detach()
+    discarded = torch.tensor(spectrum[k:], dtype=torch.float64)
+    assert torch.allclose(residual.pow(2).sum(), discarded.pow(2).sum(), rtol=1e-10, atol=1e-12)
+    assert torch.linalg.matrix_norm(residual, ord=2).item() == pytest.approx(spectrum[k], rel=1e-10)
+    assert torch.equal(layer.bias.detach(), bias)
+    # balanced split: both factors carry sum of the kept singular values in Frobenius norm^2
+    kept = sum(spectrum[:k])
+    assert layer.up.weight.pow(2).sum().item() == pytest.approx(kept, rel=1e-10)
+    assert layer.down.weight.pow(2).sum().item() == pytest.approx(kept, rel=1e-10)
+
+
+def test_svd_error_on_real_minilm_layer(minilm_once):
+    minilm = copy.deepcopy(minilm_once)
+    name = "encoder.layer.0.attention.self.query"
+    weight = minilm.get_submodule(name).weight.detach().clone()
+    compress(minilm, "svd", ratio=0.5, targets=[name])
+    layer = minilm.get_submodule(name)
+    _, s, _ = svd(weight, dtype=torch.float64)
+    k = layer.rank
+    assert k == 96  # floor(0.5 * 384 * 384 / 768)
+    residual = weight.double() - layer.dense_weight().detach().double()
+    assert residual.pow(2).sum().item() == pytest.approx(s[k:].pow(2).sum().item(), rel=1e-4)
+    assert torch.linalg.matrix_norm(residual, ord=2).item() == pytest.approx(s[k].item(), rel=1e-4)
+    # only the named layer was replaced
+    assert sum(isinstance(m, FactorizedLinear) for m in minilm.modules()) == 1
+
+
+def test_randomized_svd_option_is_near_optimal():
+    spectrum = [10.0 * 0.7**i for i in range(30)]
+    weight = matrix_with_spectrum(spectrum, 60, 30)
+    exact, randomized = single_layer(weight), single_layer(weight)
+    compress(exact, "svd", ratio=0.4)
+    compress(randomized, "svd", ratio=0.4, niter=4, seed=1)
+    err_exact = (weight - exact[0].dense_weight()).norm().item()
+    err_random = (weight - randomized[0].dense_weight()).norm().item()
+    assert err_exact * (1 - 1e-9) <= err_random <= err_exact * 1.01
+
+
+# ---------------------------------------------------------------- the ratio contract
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.77, 0.95])
+def test_realised_ratio_never_exceeds_requested(llama, ratio):
+    dense = {n: (m.out_features, m.in_features) for n, m in llama.named_modules() if isinstance(m, nn.Linear)}
+    compress(llama, "svd", ratio=ratio)
+    summary = llama.rankwise_compression
+    factorized = {n: m for n, m in llama.named_modules() if isinstance(m, FactorizedLinear)}
+    assert set(factorized) == set(dense) - {"lm_head"}
+    kept = sum(m.factor_parameters() for m in factorized.values())
+    total = sum(m * n for name, (m, n) in dense.items() if name != "lm_head")
+    assert summary["kept_parameters"] == kept and summary["dense_parameters"] == total
+    assert summary["realised_ratio"] == pytest.approx(kept / total) and kept / total <= ratio
+    for name, layer in factorized.items():
+        assert layer.rank == rank_for_ratio(*dense[name], ratio)
+        assert layer.factor_parameters() <= ratio * dense[name][0] * dense[name][1]
+
+
+def test_plan_ranks_changes_nothing_and_matches_compress(minilm_once):
+    minilm = minilm_once
+    before = snapshot(minilm)
+    plan = plan_ranks(minilm, 0.6)
+    assert_unchanged(minilm, before)
+    assert plan.realised_ratio <= 0.6 and len(plan.ranks) == 6 * 6 + 1  # six blocks of six, the pooler
+    assert plan.ranks["encoder.layer.0.intermediate.dense"] == math.floor(0.6 * 1536 * 384 / 1920)
+
+
+def test_outputs_error_shrinks_as_ratio_grows_on_minilm(minilm_once):
+    ids = torch.tensor([[101, 2659, 4635, 4725, 2191, 2731, 10036, 1012, 102]])
+    with torch.no_grad():
+        reference = minilm_once(input_ids=ids).last_hidden_state
+    errors = []
+    for ratio in (0.3, 0.6, 0.95):
+        model = copy.deepcopy(minilm_once)
+        compress(model, "svd", ratio=ratio, targets=r"encoder\.layer\.0\.attention\.self\.(query|key|value)")
+        with torch.no_grad():
+            out = model(input_ids=ids).last_hidden_state
+        errors.append(((out - reference).norm() / reference.norm()).item())
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_ratio_near_one_keeps_outputs_of_low_rank_weights():
+    torch.manual_seed(0)
+    # weights of rank 4: a ratio whose rank budget covers them reproduces the model
+    layers = [nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16)]
+    with torch.no_grad():
+        for layer in (layers[0], layers[2]):
+            layer.weight.copy_(torch.randn(layer.out_features, 4) @ torch.randn(4, layer.in_features) / 4)
+    model = nn.Sequential(*layers)
+    x = torch.randn(5, 24)
+    reference = model(x)
+    compress(model, "svd", ratio=0.95)
+    assert all(isinstance(model[i], FactorizedLinear) for i in (0, 2))
+    assert torch.allclose(model(x), reference, atol=1e-5)
+
+
+def test_bf16_model_compresses_in_fp32_and_keeps_dtype(llama, batch):
+    model_bf16 = copy.deepcopy(llama).to(torch.bfloat16)
+    model_fp32 = copy.deepcopy(model_bf16).float()
+    compress(model_bf16, "svd", ratio=0.5)
+    compress(model_fp32, "svd", ratio=0.5)
+    layer_bf16 = model_bf16.model.layers[0].mlp.down_proj
+    layer_fp32 = model_fp32.model.layers[0].mlp.down_proj
+    assert layer_bf16.up.weight.dtype == torch.bfloat16 == layer_bf16.down.weight.dtype
+    # the SVD ran in fp32 on the same numbers: the bf16 factors are the fp32 ones rounded
+    assert torch.equal(layer_bf16.up.weight, layer_fp32.up.weight.to(torch.bfloat16))
+    assert torch.equal(layer_bf16.down.weight, layer_fp32.down.weight.to(torch.bfloat16))
+    loss = model_bf16(**batch).loss
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- errors leave the model untouched
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="svd", ratio=0.0), "strictly between 0 and 1"),
+        (dict(method="svd", ratio=1.0), "strictly between 0 and 1"),
+        (dict(method="svd", ratio=-0.2), "strictly between 0 and 1"),
+        (dict(method="svd", ratio=True), "strictly between 0 and 1"),
+        (dict(method="svd", ratio="0.5"), "strictly between 0 and 1"),
+        (dict(method="svd", ratio=0.01), "rank-1 factorisation"),
+        (dict(method="tucker", ratio=0.5), "unknown compression method 'tucker'; known: .*svd"),
+        (dict(method="svd", ratio=0.5, targets=["nonexistent"]), "matched no Linear"),
+        (dict(method="svd", ratio=0.5, rank=3), "accepted options: niter, seed"),
+        (dict(method="svd", ratio=0.5, niter=-1), "niter"),
+    ],
+)
+def test_bad_calls_raise_and_leave_model_untouched(llama, kwargs, message):
+    before = snapshot(llama)
+    method = kwargs.pop("method")
+    with pytest.raises(RankwiseError, match=message):
+        compress(llama, method, **kwargs)
+    assert_unchanged(llama, before)
+    assert not hasattr(llama, "rankwise_compression")
+
+
+def test_compressing_twice_refuses_factorized_layers(llama):
+    compress(llama, "svd", ratio=0.5)
+    before = snapshot(llama)
+    with pytest.raises(RankwiseError, match="already FactorizedLinear"):
+        compress(llama, "svd", ratio=0.5)
+    assert_unchanged(llama, before)
+
+
+class _CalibrationProbe(SVDCompressor):
+    """A data-driven test method: records the statistics compress hands it."""
+
+    calibration = ("input_covariance",)
+    seen: dict = {}
+
+    def factorize(self, name, linear, rank, stats):
+        type(self).seen[name] = stats
+        return super().factorize(name, linear, rank, stats)
+
+
+def test_data_driven_methods_receive_calibration_statistics(monkeypatch, llama, batch):
+    monkeypatch.setitem(COMPRESSORS._entries, "probe", _CalibrationProbe)
+    target = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(RankwiseError, match="data-driven"):
+        compress(llama, "probe", ratio=0.5, targets=[target])
+    inputs = []
+    handle = llama.get_submodule(target).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    with torch.no_grad():
+        llama(**batch)
+    handle.remove()
+    rows = torch.cat(inputs).reshape(-1, 32)
+    _CalibrationProbe.seen = {}
+    compress(llama, "probe", ratio=0.5, targets=[target], data=[batch])
+    stats = _CalibrationProbe.seen[target].input_covariance
+    assert stats.count == rows.shape[0] == 32
+    assert torch.allclose(stats.gram, (rows.T @ rows).to(stats.gram.dtype), rtol=1e-5, atol=1e-5)
+    assert isinstance(llama.get_submodule(target), FactorizedLinear)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_llama_gives_identical_outputs(tmp_path, llama, batch, dtype):
+    model = compress(llama.to(dtype), "svd", ratio=0.4)
+    save_compressed(model, tmp_path)
+    manifest = json.loads((tmp_path / "rankwise_factorized.json").read_text())
+    assert manifest["compression"]["realised_ratio"] <= 0.4
+    loaded = load_compressed(tmp_path)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.model.layers[1].mlp.up_proj.rank == model.model.layers[1].mlp.up_proj.rank
+    assert next(loaded.parameters()).dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    # the file holds the factors, not a dense weight put back
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.0.self_attn.q_proj.down.weight" in keys
+    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+
+
+def test_save_load_bert_gives_identical_outputs(tmp_path):
+    # A small BertModel (the MiniLM architecture): rebuilding the 22M-parameter MiniLM from
+    # its config costs seconds and tests nothing more.
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = compress(BertModel(config).eval(), "svd", ratio=0.5, targets=r".*attention\.self\.(query|value)")
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out")
+    assert type(loaded).__name__ == "BertModel"
+    ids = torch.tensor([[1, 7, 20, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+def test_save_refuses_models_it_cannot_describe(tmp_path, llama):
+    with pytest.raises(RankwiseError, match="no FactorizedLinear"):
+        save_compressed(llama, tmp_path / "a")
+    with pytest.raises(RankwiseError, match="transformers model"):
+        save_compressed(nn.Sequential(FactorizedLinear(4, 4, 2)), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_load_validates_the_directory(tmp_path, llama):
+    with pytest.raises(RankwiseError, match="not a directory"):
+        load_compressed(tmp_path / "missing")
+    save_compressed(compress(llama, "svd", ratio=0.5), tmp_path)
+
+    manifest_path = tmp_path / "rankwise_factorized.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["layers"]["model.layers.0.self_attn.q_proj"]["rank"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RankwiseError, match="does not match"):
+        load_compressed(tmp_path)
+
+    manifest_path.write_text("{not json")
+    with pytest.raises(RankwiseError, match="not valid JSON"):
+        load_compressed(tmp_path)
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
+    manifest["layers"]["model.layers.0.self_attn.q_proj"]["rank"] -= 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RankwiseError, match="not a readable safetensors"):
+        load_compressed(tmp_path)
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(RankwiseError, match="lacks model.safetensors"):
+        load_compressed(tmp_path)
+
+
+# ---------------------------------------------------------------- FactorizedLinear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factorized_linear_round_trips(dtype):
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 20, dtype=dtype)
+    full = FactorizedLinear.from_linear(dense, 12)
+    assert full.up.weight.dtype == dtype and full.rank == 12
+    x = torch.randn(3, 12, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(full(x), dense(x), atol=tol)
+    back = full.to_linear()
+    assert isinstance(back, nn.Linear) and back.weight.dtype == dtype
+    assert torch.equal(back.bias, dense.bias) and torch.allclose(back(x), full(x), atol=tol)
+    assert full.factor_parameters() == 12 * (12 + 20)
+    with pytest.raises(RankwiseError, match="exceeds"):
+        FactorizedLinear.from_linear(dense, 13)
+    with pytest.raises(RankwiseError, match="positive integer"):
+        FactorizedLinear(12, 20, 0)
