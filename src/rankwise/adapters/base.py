@@ -1,0 +1,263 @@
+"""The adapter layer contract: one nn.Linear wrapped with a low-rank (or otherwise cheap) update.
+
+How to add an adapter method
+============================
+
+1. Create ``src/rankwise/adapters/<method>.py`` with one subclass of :class:`AdapterLayer`,
+   decorated with ``@ADAPTERS.register("<method>")``; add ``from rankwise.adapters import
+   <method>`` to ``adapters/__init__.py``. The module docstring cites the paper (title +
+   arXiv id), gives the formula the code implements and says where it deviates.
+2. Hooks to implement (the base class does the rest: forward, dropout, merge/unmerge in
+   fp32, freezing, config, save/load, rollback):
+
+   ``OPTIONS = {"name": default, ...}``
+       The method's own keyword options (``dropout`` is common to all methods and already
+       declared here). ``adapt(..., **options)`` rejects unknown names, listing these.
+       Values must be JSON-serialisable: they are saved in ``adapter_config.json``.
+   ``__init__(self, base, rank, alpha, **options)``
+       Call ``super().__init__(base, rank, alpha, **options)`` first (validates rank against
+       ``max_rank``, options, sets ``self.rank``, ``self.alpha``, ``self.options``,
+       ``self.in_features``, ``self.out_features``, ``self.name``, ``self.dropout``), then
+       validate option values (raise ``self.error(...)``) and ALLOCATE tensors with
+       ``self.factory`` (device/dtype of the base weight), e.g. ``torch.empty(r, n,
+       **self.factory)``. Do no expensive or random init here: ``load_adapter`` builds
+       layers through ``__init__`` only and then copies the saved tensors in.
+       Trainable tensors are ``nn.Parameter``; frozen ones (random projections, initial
+       factors) are buffers (``register_buffer``, persistent so they are saved). Everything
+       outside ``self.base`` is adapter state.
+   ``initialize(self, stats)``
+       Fill the tensors. ``stats`` is None for data-free methods, else a
+       :class:`~rankwise.adapters.statistics.LayerStatistics`. Never write to
+       ``self.base`` here; see ``rewrites_base``.
+   ``delta_weight(self) -> Tensor``
+       The update in weight space (``out x in``), so that the layer computes
+       ``base(x) + x @ delta_weight().T``.
+   ``adapter_forward(self, x)`` (optional)
+       The efficient unmerged path; default ``x @ delta_weight().T``.
+   ``max_rank(in_features, out_features)`` (classmethod, optional)
+       Largest allowed rank; default ``min(in, out)``.
+   ``statistics = ("input_covariance" | "input_batches" | "weight_gradient", ...)``
+       For data-driven methods: what to collect from ``adapt(..., data=...)``; this makes
+       ``needs_data`` True. Override the classmethod ``collect_statistics`` for anything else.
+   ``rewrites_base = True`` + ``base_offset(self) -> Tensor``
+       For PiSSA/OLoRA/CorDA-style inits: ``base_offset()`` returns the part moved out of
+       the base (``out x in``, computed from buffers holding the initial factors). The
+       framework subtracts it from the base weight after ``initialize`` and again after
+       ``load_adapter`` (so a fresh base becomes the residual), and ``original_weight()``
+       gives back ``W0`` for exports against the original weight.
+   ``allocate_ranks(rank, bases, stats, options)`` (classmethod, optional)
+       Per-layer ranks chosen from the statistics (EVA, dynamic-rank methods); the saved
+       config is per module, so layers may differ in rank.
+   ``make_shared(bases, rank, options)`` (classmethod, optional)
+       Tensors shared by all layers of one ``adapt`` call (VeRA's random matrices), handed
+       to every ``__init__`` as ``self.shared``; register the same tensor object in every
+       layer (buffer, or one Parameter) -- the file stores it once and load re-ties it.
+       Allocate on the bases' device/dtype. At load time it is called again with the
+       largest saved rank, so shapes must depend only on that.
+
+   ``needs_data()`` is derived from ``statistics``. ``self.error(msg)`` builds a
+   RankwiseError naming the method and layer. Stacking adapters is refused by ``adapt``.
+3. Tests: add ONE row to ``CASES`` in ``tests/test_adapters.py``:
+   ``Case("<id>", "<method>", {options}, needs_data, identity_at_init,
+   lambda n_in, n_out, r: <trainable parameters of one layer>)``. The common suite runs
+   every row on the tiny LLaMA at rank 4 over all linear layers (data-driven rows get two
+   batches with labels) and checks: output equal to the base at init (or different, if
+   not promised), gradients on exactly the adapter parameters, the parameter count, a
+   lower loss after 5 Adam steps with frozen tensors unchanged, merge / unmerge / unload
+   equality, ``original_weight()`` and a save/load roundtrip onto a fresh base. Put
+   method-specific checks (paper formulas on constructed inputs, PEFT as an oracle) in
+   ``tests/test_adapters_<method>.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.registry import Registry
+
+ADAPTERS: Registry = Registry("adapter method")
+
+
+class AdapterLayer(nn.Module):
+    """``y = base(x) + adapter_forward(dropout(x))``; after :meth:`merge`, ``y = base'(x)``
+    with ``W' = W + delta_weight()``.
+
+    Subclasses implement ``__init__`` (validate + allocate), :meth:`initialize`,
+    :meth:`delta_weight` and optionally :meth:`adapter_forward`; see the module docstring.
+    """
+
+    OPTIONS: ClassVar[dict[str, Any]] = {"dropout": 0.0}
+    statistics: ClassVar[tuple[str, ...]] = ()
+    rewrites_base: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        *,
+        name: str = "",
+        method: str = "",
+        shared: dict[str, torch.Tensor] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.name = name or "<layer>"
+        self.method = method or type(self).__name__
+        if not isinstance(base, nn.Linear):
+            raise self.error(f"can only wrap nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.check_rank(self.name, self.in_features, self.out_features, rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise self.error(f"alpha must be a positive number, got {alpha!r}")
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.options = self.resolve_options(options)
+        self.shared = shared or {}
+        dropout = self.options["dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise self.error(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = nn.Dropout(float(dropout)) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # ----- class-level contract ------------------------------------------------------------
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """All options the method accepts (its own ``OPTIONS`` and its bases'), with defaults."""
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            defaults.update(vars(klass).get("OPTIONS", {}))
+        return defaults
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Defaults overridden by ``options``; unknown names raise, listing the known ones."""
+        defaults = cls.option_defaults()
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            known = ", ".join(f"{k}={v!r}" for k, v in sorted(defaults.items()))
+            raise RankwiseError(f"unknown option(s) {', '.join(unknown)} for this adapter method; it accepts: {known}")
+        return {**defaults, **options}
+
+    @classmethod
+    def needs_data(cls) -> bool:
+        return bool(cls.statistics)
+
+    @classmethod
+    def max_rank(cls, in_features: int, out_features: int) -> int:
+        return min(in_features, out_features)
+
+    @classmethod
+    def check_rank(cls, name: str, in_features: int, out_features: int, rank: Any) -> None:
+        top = cls.max_rank(in_features, out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+            raise RankwiseError(
+                f"rank {rank!r} is out of range for layer {name!r} ({out_features} x {in_features}): "
+                f"choose an integer in [1, {top}] or exclude this layer from targets"
+            )
+
+    @classmethod
+    def collect_statistics(cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any]) -> dict:
+        """Per-layer statistics for a data-driven init (default: the kinds in ``statistics``)."""
+        from rankwise.adapters.statistics import collect_statistics
+
+        return collect_statistics(model, names, data, cls.statistics)
+
+    @classmethod
+    def allocate_ranks(
+        cls, rank: int, bases: dict[str, nn.Linear], stats: dict, options: dict[str, Any]
+    ) -> dict[str, int]:
+        """Rank of each layer; default the same ``rank`` everywhere."""
+        return {name: rank for name in bases}
+
+    @classmethod
+    def make_shared(cls, bases: dict[str, nn.Linear], rank: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors shared by all layers of one ``adapt`` call (default none)."""
+        return {}
+
+    # ----- per-layer hooks -----------------------------------------------------------------
+
+    def error(self, message: str) -> RankwiseError:
+        return RankwiseError(f"{self.method} on layer {self.name!r}: {message}")
+
+    @property
+    def factory(self) -> dict[str, Any]:
+        """``device`` / ``dtype`` keywords matching the base weight, for allocations."""
+        return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+
+    def initialize(self, stats: Any = None) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.delta_weight().T
+
+    def base_offset(self) -> torch.Tensor:
+        """What a ``rewrites_base`` method moved out of the original weight (``out x in``)."""
+        raise NotImplementedError(f"{type(self).__name__} sets rewrites_base but does not define base_offset()")
+
+    # ----- provided behaviour --------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + self.adapter_forward(self.dropout(x)).to(out.dtype)
+
+    def _add_to_base(self, update: torch.Tensor, sign: float) -> None:
+        weight = self.base.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() + sign * update.float()).to(weight.dtype))
+
+    def merge(self) -> None:
+        """``W <- W + delta_weight()`` (fp32 arithmetic, written back in the weight's dtype)."""
+        if not self.merged:
+            with torch.no_grad():
+                self._add_to_base(self.delta_weight(), +1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            with torch.no_grad():
+                self._add_to_base(self.delta_weight(), -1.0)
+            self.merged = False
+
+    def apply_base_rewrite(self) -> None:
+        """``W <- W - base_offset()`` for ``rewrites_base`` methods (no-op otherwise)."""
+        if self.rewrites_base:
+            with torch.no_grad():
+                self._add_to_base(self.base_offset(), -1.0)
+
+    def original_weight(self) -> torch.Tensor:
+        """The base weight before ``adapt`` (fp32): ``W + base_offset()``, minus the delta if merged."""
+        with torch.no_grad():
+            weight = self.base.weight.float()
+            if self.rewrites_base:
+                weight = weight + self.base_offset().float()
+            if self.merged:
+                weight = weight - self.delta_weight().float()
+        return weight
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (parameters and persistent buffers) outside ``self.base``."""
+        return {
+            key: value
+            for key, value in self.state_dict(keep_vars=True).items()
+            if not key.startswith("base.")
+        }
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description from which ``load_adapter`` rebuilds this layer."""
+        return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": dict(self.options)}
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
