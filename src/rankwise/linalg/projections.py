@@ -1,0 +1,135 @@
+"""Shared math of gradient projection: orthonormal bases, orientation, subspace switches.
+
+A weight gradient ``G`` is ``m x n``. A :class:`Basis` holds up to two matrices with
+orthonormal columns, ``L`` (``m x r``, acting on rows) and ``R`` (``n x r``, acting on
+columns); either may be absent. Then
+
+- project:       ``low = L^T G R``            (a missing side is the identity)
+- project back:  ``L low R^T``                (the orthogonal projection ``L L^T G R R^T``)
+- switch from an old basis to a new one: coordinates in the old subspace map to the new
+  one through ``C_L = L_new^T L_old`` and ``C_R = R_old^T R_new``:
+  ``low_new = C_L low_old C_R`` (exact when ``G`` lies in both subspaces).
+
+Orientation (``proj_type``, the GaLore convention, arXiv 2403.03507):
+
+- ``std``: project the longer side away, keep the shorter one: left (``L``) when ``m < n``,
+  right (``R``) when ``m >= n``; the state is then ``r x max(m, n)`` and the basis
+  ``min(m, n) x r``.
+- ``reverse_std``: the opposite side; ``left`` / ``right``: always that side; ``full``: both.
+
+Random projections (:func:`seeded_gaussian`) are regenerated from an integer seed, so a
+checkpoint stores the seed, not the matrix, and a resumed run draws the same matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankwise.linalg.svd import svd
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def projection_sides(shape: tuple[int, ...] | torch.Size, proj_type: str) -> tuple[bool, bool]:
+    """``(use_left, use_right)`` for an ``m x n`` gradient under ``proj_type``."""
+    m, n = shape
+    if proj_type == "std":
+        return (True, False) if m < n else (False, True)
+    if proj_type == "reverse_std":
+        return (False, True) if m < n else (True, False)
+    if proj_type == "left":
+        return True, False
+    if proj_type == "right":
+        return False, True
+    if proj_type == "full":
+        return True, True
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def projected_shape(shape: tuple[int, ...] | torch.Size, rank: int, proj_type: str) -> tuple[int, int]:
+    """Shape of ``L^T G R`` for an ``m x n`` gradient."""
+    use_left, use_right = projection_sides(shape, proj_type)
+    m, n = shape
+    return (rank if use_left else m, rank if use_right else n)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Orthonormal-column factors ``L`` (``m x r``) and/or ``R`` (``n x r``) of a subspace."""
+
+    left: torch.Tensor | None
+    right: torch.Tensor | None
+
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``L^T G R``."""
+        if self.left is not None:
+            matrix = self.left.T @ matrix
+        if self.right is not None:
+            matrix = matrix @ self.right
+        return matrix
+
+    def project_back(self, low: torch.Tensor) -> torch.Tensor:
+        """``L low R^T``."""
+        if self.left is not None:
+            low = self.left @ low
+        if self.right is not None:
+            low = low @ self.right.T
+        return low
+
+    def transition(self, new: "Basis") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(C_L, C_R)`` with ``low_new = C_L low_old C_R`` (``None`` for a missing side)."""
+        if (self.left is None) != (new.left is None) or (self.right is None) != (new.right is None):
+            raise ValueError("cannot switch between bases projecting on different sides")
+        c_left = new.left.T @ self.left if self.left is not None else None
+        c_right = self.right.T @ new.right if self.right is not None else None
+        return c_left, c_right
+
+
+def change_coordinates(
+    low: torch.Tensor, c_left: torch.Tensor | None, c_right: torch.Tensor | None, *, squared: bool = False
+) -> torch.Tensor:
+    """``C_L low C_R``; with ``squared`` the element-wise squares ``(C_L o C_L) low (C_R o C_R)``.
+
+    The squared form carries a second moment (a non-negative per-coordinate variance) into
+    the new coordinates: it is exact for permutations and sign flips and keeps the result
+    non-negative otherwise.
+    """
+    if c_left is not None:
+        low = (c_left * c_left if squared else c_left) @ low
+    if c_right is not None:
+        low = low @ (c_right * c_right if squared else c_right)
+    return low
+
+
+def singular_basis(matrix: torch.Tensor, rank: int, *, use_left: bool, use_right: bool) -> Basis:
+    """Top-``rank`` singular vectors of ``matrix`` (SVD in float32) on the requested sides.
+
+    ``L = U[:, :r]``, ``R = V[:, :r]``, returned contiguous in ``matrix.dtype`` (the copies
+    own their memory, so the discarded singular vectors are freed). Raises
+    :class:`rankwise.linalg.SVDFailure` on non-finite input or non-convergence.
+    """
+    u, _, vh = svd(matrix)
+    left = u[:, :rank].to(matrix.dtype).contiguous() if use_left else None
+    right = vh[:rank].T.to(matrix.dtype).contiguous() if use_right else None
+    return Basis(left, right)
+
+
+def seeded_gaussian(
+    rows: int,
+    cols: int,
+    seed: int,
+    *,
+    std: float = 1.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``rows x cols`` matrix with i.i.d. ``N(0, std^2)`` entries drawn from ``seed`` alone.
+
+    The generator lives on ``device`` (CPU and CUDA streams differ; the same seed on the
+    same device type always gives the same matrix). Drawn in float32, returned in ``dtype``.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sample = torch.randn(rows, cols, generator=generator, device=device, dtype=torch.float32)
+    return sample.mul_(std).to(dtype)
