@@ -39,7 +39,7 @@ from rankwise.adapters import (
     unload,
     unmerge,
 )
-from rankwise.adapters.statistics import collect_statistics
+from rankwise.calibration import collect_statistics
 from rankwise.errors import RankwiseError
 from rankwise.linalg.covariance import CovarianceAccumulator
 from rankwise.targets import match_targets

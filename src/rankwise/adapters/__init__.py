@@ -18,7 +18,7 @@ from rankwise.adapters import lora  # noqa: F401  (registers "lora")
 from rankwise.adapters.api import adapt, adapter_layers, merge, methods, trainable_parameters, unload, unmerge
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
 from rankwise.adapters.io import load_adapter, save_adapter
-from rankwise.adapters.statistics import LayerStatistics, collect_layer_inputs, collect_weight_gradients
+from rankwise.calibration import LayerStatistics, collect_layer_inputs, collect_weight_gradients
 
 __all__ = [
     "ADAPTERS",

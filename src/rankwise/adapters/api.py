@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
-from rankwise.adapters.statistics import materialise_data
+from rankwise.calibration import materialise_data
 from rankwise.errors import RankwiseError
 from rankwise.targets import Targets, match_targets, replace_module
 

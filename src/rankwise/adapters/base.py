@@ -27,7 +27,7 @@ How to add an adapter method
        outside ``self.base`` is adapter state.
    ``initialize(self, stats)``
        Fill the tensors. ``stats`` is None for data-free methods, else a
-       :class:`~rankwise.adapters.statistics.LayerStatistics`. Never write to
+       :class:`~rankwise.calibration.LayerStatistics`. Never write to
        ``self.base`` here; see ``rewrites_base``.
    ``delta_weight(self) -> Tensor``
        The update in weight space (``out x in``), so that the layer computes
@@ -166,7 +166,7 @@ class AdapterLayer(nn.Module):
     @classmethod
     def collect_statistics(cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any]) -> dict:
         """Per-layer statistics for a data-driven init (default: the kinds in ``statistics``)."""
-        from rankwise.adapters.statistics import collect_statistics
+        from rankwise.calibration import collect_statistics
 
         return collect_statistics(model, names, data, cls.statistics)
 

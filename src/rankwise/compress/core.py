@@ -16,7 +16,7 @@ requested one; :func:`plan_ranks` computes it and ``compress`` reports it (log l
 
 **Adding a method** = one file with a :class:`Compressor` subclass registered in
 ``COMPRESSORS``. It declares the calibration statistics it needs in ``calibration``
-(kinds of :mod:`rankwise.adapters.statistics`: ``input_covariance`` for whitening /
+(kinds of :mod:`rankwise.calibration`: ``input_covariance`` for whitening /
 covariance methods such as SVD-LLM and EoRA, ``weight_gradient`` for Fisher-weighted SVD,
 ``input_batches`` for anything else, e.g. ASVD's ``mean |x|``); ``compress`` collects them
 from ``data`` with the shared collector on the unmodified model and hands each layer's
@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from rankwise.adapters.statistics import LayerStatistics, collect_statistics, materialise_data
+from rankwise.calibration import LayerStatistics, collect_statistics, materialise_data
 from rankwise.errors import RankwiseError
 from rankwise.nn import FactorizedLinear, select_linear_layers
 from rankwise.registry import Registry
@@ -53,7 +53,7 @@ class Compressor:
     calibration data (empty for data-free methods) and implement :meth:`factorize`.
     """
 
-    #: statistic kinds (``rankwise.adapters.statistics.STATISTIC_KINDS``) it reads; () = data-free
+    #: statistic kinds (``rankwise.calibration.STATISTIC_KINDS``) it reads; () = data-free
     calibration: tuple[str, ...] = ()
 
     def factorize(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankwise.adapters.statistics import LayerStatistics
+from rankwise.calibration import LayerStatistics
 from rankwise.compress.core import COMPRESSORS, Compressor
 from rankwise.errors import RankwiseError
 from rankwise.linalg.lowrank import split_singular_values

@@ -1,6 +1,6 @@
-"""Per-layer statistics gathered from user data for data-driven adapter inits.
+"""Per-layer statistics gathered from calibration data, shared by every data-driven method.
 
-A data-driven method declares, on its :class:`~rankwise.adapters.base.AdapterLayer`
+A data-driven method (adapter init, compression) declares, e.g. on its :class:`~rankwise.adapters.base.AdapterLayer`
 subclass, ``statistics = ("input_covariance", ...)``; ``adapt`` runs the data through the
 UNMODIFIED model once per kind of statistic and hands each layer its
 :class:`LayerStatistics`. Kinds:
