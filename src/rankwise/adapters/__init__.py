@@ -17,6 +17,7 @@ registers it.
 from rankwise.adapters import lora  # noqa: F401  (registers "lora")
 from rankwise.adapters.api import adapt, adapter_layers, merge, methods, trainable_parameters, unload, unmerge
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.hooks import after_step, regularization_loss
 from rankwise.adapters.io import load_adapter, save_adapter
 from rankwise.calibration import LayerStatistics, collect_layer_inputs, collect_weight_gradients
 
@@ -26,10 +27,12 @@ __all__ = [
     "LayerStatistics",
     "adapt",
     "adapter_layers",
+    "after_step",
     "collect_layer_inputs",
     "collect_weight_gradients",
     "load_adapter",
     "merge",
+    "regularization_loss",
     "methods",
     "save_adapter",
     "trainable_parameters",

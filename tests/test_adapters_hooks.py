@@ -1,0 +1,36 @@
+"""The training-time hooks: loss terms and per-step schedules reach every layer once."""
+
+from __future__ import annotations
+
+import torch
+
+from rankwise.adapters import ADAPTERS, adapt, adapter_layers, after_step, regularization_loss
+from rankwise.adapters.lora import LoraLayer
+
+
+class RegularisedLora(LoraLayer):
+    calls: list = []
+
+    def regularization(self):
+        return self.lora_A.square().sum()
+
+    @classmethod
+    def after_step(cls, layers, *, step, total_steps, optimizer):
+        cls.calls.append((sorted(layers), step, total_steps, optimizer))
+
+
+def test_plain_lora_has_no_loss_term_and_no_schedule(llama):
+    adapt(llama, "lora", rank=2)
+    assert regularization_loss(llama) is None
+    after_step(llama, step=1, total_steps=2)
+
+
+def test_loss_terms_are_summed_and_schedules_called_once_with_all_layers(llama, monkeypatch):
+    monkeypatch.setitem(ADAPTERS._entries, "reg-lora", RegularisedLora)
+    RegularisedLora.calls = []
+    adapt(llama, "reg-lora", rank=2, targets=["q_proj", "v_proj"])
+    layers = adapter_layers(llama)
+    expected = sum(layer.lora_A.square().sum() for layer in layers.values())
+    torch.testing.assert_close(regularization_loss(llama), expected)
+    after_step(llama, step=3, total_steps=10, optimizer="opt")
+    assert RegularisedLora.calls == [(sorted(layers), 3, 10, "opt")]
