@@ -62,3 +62,33 @@ def minilm(minilm_path):
     model = AutoModel.from_pretrained(minilm_path)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def rankwise_cache_root(tmp_path_factory):
+    """One temporary rankwise cache directory for the whole test session."""
+    return tmp_path_factory.mktemp("rankwise-cache")
+
+
+@pytest.fixture
+def rankwise_cache(rankwise_cache_root, monkeypatch):
+    """Point RANKWISE_CACHE at the session's temporary cache, with a tokenizer trained on 300k chars.
+
+    What is built there (tokenizer, token streams, bases) persists for the session, so the
+    tokenizer is trained once per session; the settings themselves are undone after each test.
+    """
+    from rankwise.data import tokenizer
+
+    monkeypatch.setenv("RANKWISE_CACHE", str(rankwise_cache_root))
+    monkeypatch.setattr(tokenizer, "MAX_TRAINING_CHARS", 300_000)
+    return rankwise_cache_root
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (restored after): when other processes share the two
+    cores, two spinning OpenMP threads per process make small-model steps ~10-20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

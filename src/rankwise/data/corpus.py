@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -53,22 +54,22 @@ def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_pretrain_source(relative: Path) -> bool:
-    if set(relative.parts[:-1]) & _EXCLUDED_DIRS or relative.name.startswith("_sysconfigdata"):
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=1)
 def _pretrain_files() -> tuple[tuple[str, Path], ...]:
     """``(name, path)`` of every stdlib source in the pretrain split, sorted by name."""
     root = _stdlib_root()
     files = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if not _is_pretrain_source(relative) or path.stat().st_size > _MAX_SOURCE_BYTES:
-            continue
-        files.append((relative.as_posix(), path))
+    for directory, subdirectories, filenames in os.walk(root):
+        # Prune in place: never descend into test suites or site-packages (thousands of files).
+        subdirectories[:] = [name for name in subdirectories if name not in _EXCLUDED_DIRS]
+        for filename in filenames:
+            path = Path(directory, filename)
+            if (
+                filename.endswith(".py")
+                and not filename.startswith("_sysconfigdata")
+                and path.stat().st_size <= _MAX_SOURCE_BYTES
+            ):
+                files.append((path.relative_to(root).as_posix(), path))
     return tuple(sorted(files))
 
 
@@ -121,7 +122,8 @@ def load_corpus(split: str = "pretrain", part: str = "train") -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def corpus_fingerprint() -> str:
-    """Short hash of the Python version and the embedded files (names and sizes), for cache keys.
+    """Short hash of the Python version, the embedded files (names and sizes) and the selection
+    and split rules, for cache keys.
 
     Two interpreters that ship the same standard library get the same fingerprint, so caches
     built from the corpus are shared exactly when the corpus is the same.
@@ -129,6 +131,9 @@ def corpus_fingerprint() -> str:
     import pydoc_data.topics
 
     hasher = hashlib.sha256(sys.version.split()[0].encode())
+    # The selection and split rules are part of the corpus too: changing them renews every cache.
+    rules = (sorted(_EXCLUDED_DIRS), _GENERATED_MARKER.pattern, _MAX_SOURCE_BYTES, sorted(VALIDATION_FRACTIONS.items()))
+    hasher.update(repr(rules).encode())
     for name, path in _pretrain_files():
         hasher.update(f"{name}:{path.stat().st_size};".encode())
     hasher.update(f"pydoc_data:{Path(pydoc_data.topics.__file__).stat().st_size}".encode())
@@ -168,7 +173,18 @@ def _read_jsonl(path: Path) -> list[str]:
     return documents
 
 
-_READERS = {".txt": lambda path: [path.read_text(encoding="utf-8")], ".jsonl": _read_jsonl}
+def _read_txt(path: Path) -> list[str]:
+    return [path.read_text(encoding="utf-8")]
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl}
+
+
+def _read(path: Path) -> list[str]:
+    try:
+        return _READERS[path.suffix](path)
+    except UnicodeDecodeError as error:
+        raise RankwiseError(f"{path} is not UTF-8 text ({error.reason}); convert it to UTF-8") from None
 
 
 def _expand(path: Path) -> list[Path]:
@@ -196,7 +212,7 @@ def load_text_files(paths: Sequence[str | Path]) -> list[str]:
     files = [file for path in paths for file in _expand(Path(path))]
     if not files:
         raise RankwiseError("no data files given; pass .txt or .jsonl files")
-    documents = [doc for file in files for doc in _READERS[file.suffix](file) if doc.strip()]
+    documents = [doc for file in files for doc in _read(file) if doc.strip()]
     if not documents:
         raise RankwiseError(f"the data files ({', '.join(map(str, files))}) contain no non-empty documents")
     return documents

@@ -1,0 +1,223 @@
+"""The training loop: learning, evaluation, schedule, history, timing and exact memory accounting."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_batch, make_llama
+from rankwise.data.batches import TokenBatches, embedded_data
+from rankwise.data.models import build_model
+from rankwise.errors import RankwiseError
+from rankwise.training import MemoryTracker, TrainResult, cosine_schedule, evaluate, train
+
+# Single-threaded: fast and stable when other processes share the cores (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+FLOAT = 4  # bytes per fp32 element
+
+
+class Regressor(nn.Module):
+    """One Linear with a squared-error loss, called like a causal LM: ``model(**batch).loss``."""
+
+    def __init__(self, n_in: int = 4, n_out: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=((self.linear(input_ids) - labels) ** 2).mean())
+
+
+def _regression_batches(batch: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"input_ids": torch.randn(batch, 4, generator=generator), "labels": torch.randn(batch, 3, generator=generator)}
+
+
+def _random_tokens(n=4000, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_training_the_tiny_preset_lowers_the_validation_loss(rankwise_cache):
+    torch.manual_seed(0)
+    model = build_model("tiny", seed=0)
+    batches, validation = embedded_data("finetune", batch_size=8, seq_len=64, seed=0, eval_batches=4)
+    before = evaluate(model, validation)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    result = train(model, optimizer, batches, steps=30, eval_batches=validation, eval_every=15, max_grad_norm=1.0)
+    assert isinstance(result, TrainResult) and result.steps == 30
+    assert before > math.log(4096) - 0.5  # random init: about uniform over the vocabulary
+    assert result.final_val_loss < before - 1.5
+    assert result.final_val_ppl == pytest.approx(math.exp(result.final_val_loss))
+    assert [row["step"] for row in result.history if "val_loss" in row] == [15, 30]
+    assert result.history[-1]["val_loss"] == result.final_val_loss
+    assert result.ms_per_step > 0 and result.peak_memory_mb > 0
+
+
+def test_memory_tracker_counts_exact_bytes_of_a_linear_step():
+    """Linear(4 -> 3), batch 8, loss = mean((xW^T + b)^2), SGD without momentum.
+
+    Saved for backward: x (to form dW; W^T is a view of W and counts once) and y (for the
+    square): 8*4 + 8*3 floats. Before backward: params (12 + 3) + x + y; before step: params +
+    grads (15 + 15). SGD keeps no state.
+    """
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1)
+    tracker = MemoryTracker(linear, optimizer)
+    x = torch.randn(8, 4)
+    with tracker.saving_activations():
+        loss = linear(x).pow(2).mean()
+    assert tracker.sample() == (15 + 8 * 4 + 8 * 3) * FLOAT
+    loss.backward()
+    tracker.clear_activations()
+    assert tracker.sample() == (15 + 15) * FLOAT
+    optimizer.step()
+    assert tracker.sample() == 30 * FLOAT
+    assert tracker.peak_bytes == (15 + 8 * 4 + 8 * 3) * FLOAT
+
+
+def test_train_reports_the_exact_peak_with_adamw_state():
+    """Through ``train``: AdamW state per parameter = exp_avg + exp_avg_sq + a float32 step.
+
+    From step 2 on, just before backward: params 15 + state (2*15 + 2) + saved x (8*4) and
+    the residual (8*3) = 15 + 32 + 32 + 24 floats; gradients are None then (set_to_none).
+    Just before the step: params + grads + state = 15 + 15 + 32 floats, which is smaller.
+    """
+    model = Regressor()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    result = train(model, optimizer, _regression_batches(8), steps=3)
+    assert result.peak_memory_mb * 2**20 == (15 + 32 + 8 * 4 + 8 * 3) * FLOAT
+
+
+def test_peak_memory_grows_with_the_batch():
+    peaks = []
+    for batch_size in (4, 8):
+        model = make_llama()
+        batches = TokenBatches(_random_tokens(), batch_size=batch_size, seq_len=16)
+        result = train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches, steps=2)
+        peaks.append(result.peak_memory_mb)
+    parameters_and_state = 3 * sum(p.numel() for p in make_llama().parameters()) * FLOAT / 2**20
+    assert peaks[0] > parameters_and_state  # activations are on top of weights + moments
+    assert peaks[1] > peaks[0] + 0.9 * (peaks[0] - parameters_and_state)  # activations ~double
+
+
+def test_history_logging_evaluation_and_progress():
+    model = make_llama()
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16, seed=1)
+    validation = [make_batch(seed=9)]
+    calls = []
+    bar = SimpleNamespace(updates=0, postfix=None)
+    bar.update = lambda n: setattr(bar, "updates", bar.updates + n)
+    bar.set_postfix = lambda values, refresh=False: setattr(bar, "postfix", values)
+    result = train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, steps=10,
+                   eval_batches=validation, eval_every=5, log_every=4, progress=bar)
+    assert [row["step"] for row in result.history] == [4, 5, 8, 10]
+    assert ["val_loss" in row for row in result.history] == [False, True, False, True]
+    assert bar.updates == 10 and "train_loss" in bar.postfix
+
+    model = make_llama()
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16, seed=1)
+    result_every = train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, steps=10,
+                         progress=lambda step, metrics: calls.append((step, metrics["train_loss"])))
+    # Same seed, same data: the log_every rows are means of the per-step losses.
+    per_step = [row["train_loss"] for row in result_every.history]
+    assert [step for step, _ in calls] == list(range(1, 11))
+    assert result.history[0]["train_loss"] == pytest.approx(sum(per_step[:4]) / 4)
+    assert result.history[1]["train_loss"] == pytest.approx(per_step[4])
+    assert result_every.final_val_loss is None and result_every.final_val_ppl is None
+
+
+def test_loss_hook_adds_a_regulariser_and_is_recorded():
+    model = make_llama()
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
+
+    def shrink(module):
+        return 0.5 * module.lm_head.weight.pow(2).sum()
+
+    before = model.lm_head.weight.norm().item()
+    result = train(model, torch.optim.SGD(model.parameters(), lr=0.5), batches, steps=3, loss_hook=shrink)
+    assert "regularizer" in result.history[0]
+    assert result.history[0]["regularizer"] == pytest.approx(0.5 * before**2, rel=1e-5)
+    assert model.lm_head.weight.norm().item() < 0.5 * before  # each step multiplies it by ~(1 - 0.5)
+
+
+def test_non_finite_loss_names_the_step_and_stops_before_updating():
+    model = make_llama()
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshots = []
+
+    def explode_at_third_step(module):
+        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+        return torch.tensor(float("nan")) if len(snapshots) == 3 else None
+
+    with pytest.raises(RankwiseError, match="at step 3"):
+        train(model, optimizer, batches, steps=5, loss_hook=explode_at_third_step)
+    assert all(torch.equal(v, snapshots[-1][k]) for k, v in model.state_dict().items())
+    assert model.training is False  # mode restored (make_llama returns it in eval mode)
+
+
+def test_evaluate_weights_batches_by_tokens_and_restores_the_mode():
+    model = make_llama()
+    model.train()
+    big, small = make_batch(seed=1, batch=3, seq=16), make_batch(seed=2, batch=1, seq=16)
+    together = evaluate(model, [big, small])
+    expected = (3 * evaluate(model, [big]) + 1 * evaluate(model, [small])) / 4
+    assert together == pytest.approx(expected, rel=1e-6)
+    assert model.training
+    with pytest.raises(RankwiseError, match="no evaluation batches"):
+        evaluate(model, [])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = cosine_schedule(optimizer, warmup_steps=4, total_steps=14, min_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+    with pytest.raises(RankwiseError, match="warmup_steps"):
+        cosine_schedule(optimizer, warmup_steps=20, total_steps=10)
+    with pytest.raises(RankwiseError, match="min_ratio"):
+        cosine_schedule(optimizer, warmup_steps=0, total_steps=10, min_ratio=2.0)
+
+
+def test_train_follows_the_scheduler_in_its_history():
+    model = make_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    scheduler = cosine_schedule(optimizer, warmup_steps=2, total_steps=4, min_ratio=0.0)
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
+    result = train(model, optimizer, batches, steps=4, scheduler=scheduler)
+    # The lr recorded for a step is the one for the next step (after scheduler.step()).
+    assert [row["lr"] for row in result.history] == pytest.approx([0.2, 0.2, 0.1, 0.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"steps": 2, "eval_every": 1}, "eval_every needs eval_batches"),
+        ({"steps": 2, "log_every": 0}, "log_every must be a positive integer"),
+        ({"steps": 2, "max_grad_norm": 0.0}, "max_grad_norm must be positive"),
+    ],
+)
+def test_train_rejects_bad_arguments_before_touching_the_model(kwargs, message):
+    model = make_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
+    with pytest.raises(RankwiseError, match=message):
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, **kwargs)
+    assert batches.batches_drawn == 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
