@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the test models are tiny, and spinning threads on a shared 2-core machine
+# slow every step 10-20x.
+torch.set_num_threads(1)
 
 
 def make_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
