@@ -222,6 +222,7 @@ def train(
     eval_every: int | None = None,
     scheduler: Any = None,
     loss_hook: Callable[[nn.Module], torch.Tensor | None] | None = None,
+    step_hook: Callable[[int], None] | None = None,
     progress: Any = None,
     log_every: int | None = None,
     max_grad_norm: float | None = None,
@@ -231,7 +232,8 @@ def train(
     ``batches`` yields dicts the model accepts (``input_ids``, ``labels``, ...); they are moved
     to the model's device. ``eval_batches`` are evaluated every ``eval_every`` steps and always
     after the last step (``final_val_loss``). ``loss_hook(model)`` returns a regulariser added to
-    the loss (or None). ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``) or a
+    the loss (or None); ``step_hook(step)`` runs after each optimizer step (schedules of
+    dynamic-rank adapters, see :func:`rankwise.adapters.after_step`). ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``) or a
     callable ``(step, metrics)``. History rows are written every ``log_every`` steps (default:
     every step; ``train_loss`` is the mean since the previous row), at each evaluation and at
     the end. A non-finite loss raises :class:`RankwiseError` naming the step, before that step
@@ -282,6 +284,8 @@ def train(
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
+            if step_hook is not None:
+                step_hook(step)
             if tracker:
                 tracker.sample()
             if scheduler is not None:

@@ -26,23 +26,25 @@ PRESETS: dict[str, tuple[str, RunConfig, bool]] = {
                                 warmup_steps=50, early_step=100), True),
 }
 
-SUITE_SPLIT = {"pretrain": "pretrain", "finetune": "finetune"}
+#: suite -> (embedded corpus split, whether set-ups start from the cached base checkpoint)
+SUITE_WORKLOAD = {"pretrain": ("pretrain", False), "optim": ("pretrain", False), "finetune": ("finetune", True)}
 
 
-def embedded_workload(suite: str, model_preset: str, config: RunConfig, *, base_steps: int | None = None) -> Workload:
-    """The embedded corpus split for ``suite`` and its model: fresh init or the cached base."""
+def embedded_workload(
+    split: str, model_preset: str, config: RunConfig, *, from_base: bool, base_steps: int | None = None
+) -> Workload:
+    """The embedded corpus ``split`` and a model: a fresh init, or the cached base when ``from_base``."""
     from rankwise.data.batches import encode_documents, eval_batches
     from rankwise.data.corpus import load_corpus
     from rankwise.data.models import build_model, load_base
     from rankwise.data.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
-    split = SUITE_SPLIT[suite]
     train_tokens = encode_documents(load_corpus(split, "train"), tokenizer)
     val_tokens = encode_documents(load_corpus(split, "validation"), tokenizer)
     eval_data = eval_batches(val_tokens, batch_size=config.batch_size, seq_len=config.seq_len,
                              max_batches=config.eval_batches)
-    if suite == "pretrain":
+    if not from_base:
         def make_model():
             return build_model(model_preset, vocab_size=len(tokenizer), seed=config.seed)
         hidden = make_model().config.hidden_size
@@ -98,15 +100,17 @@ def run_bench(
     config = replace(config, seed=seed, **({"steps": steps} if steps else {}))
     if config.steps < 1:
         raise RankwiseError(f"steps must be >= 1, got {config.steps}")
-    config = replace(config, eval_every=min(config.eval_every, config.steps), early_step=min(config.early_step, config.steps))
+    config = replace(config, eval_every=min(config.eval_every, config.steps), early_step=min(config.early_step, config.steps),
+                     warmup_steps=min(config.warmup_steps, config.steps // 10))
     plan = {suite: select_setups(suite, list(setups) if setups else None, include_all) for suite in suites}
 
     results: dict[str, list[dict[str, Any]]] = {}
     total = sum(len(v) for v in plan.values()) * config.steps
     with tqdm(total=total, desc="bench", unit="step", disable=not show_progress) as bar:
         for suite, suite_setups in plan.items():
+            split, from_base = SUITE_WORKLOAD[suite]
             workload = (user_workload(model_dir, data_files, config) if model_dir
-                        else embedded_workload(suite, model_preset, config, base_steps=base_steps))
+                        else embedded_workload(split, model_preset, config, from_base=from_base, base_steps=base_steps))
             rows = []
             for setup in suite_setups:
                 bar.set_postfix_str(f"{suite}: {setup.name}")

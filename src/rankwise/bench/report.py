@@ -12,12 +12,27 @@ COLUMNS = (
     ("setup", "set-up", "{}"),
     ("trainable_params", "trainable", "{:,}"),
     ("optimizer_state_mb", "opt-state MB", "{:.2f}"),
+    ("state_vs_adamw", "state/AdamW", "{:.3f}"),
     ("peak_memory_mb", "peak MB", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.0f}"),
+    ("time_vs_adamw", "time/AdamW", "{:.2f}"),
+    ("refresh_ms_per_step", "refresh ms/step", "{:.1f}"),
     ("init_seconds", "init s", "{:.2f}"),
     ("final_val_loss", "val loss", "{:.4f}"),
     ("final_val_ppl", "val ppl", "{:.2f}"),
 )
+
+
+def with_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows plus ``state_vs_adamw`` / ``time_vs_adamw``: optimizer-state MB and ms/step over
+    those of the suite's AdamW baseline (its first trained ``adamw`` row), when it has one."""
+    baseline = next((r for r in rows if r.get("method") == "adamw" and r.get("kind") in ("full", "optim")
+                     and r.get("ms_per_step")), None)
+    if baseline is None:
+        return [dict(row) for row in rows]
+    ratios = {"state_vs_adamw": "optimizer_state_mb", "time_vs_adamw": "ms_per_step"}
+    return [dict(row, **{ratio: row[key] / baseline[key] if row.get(key) is not None and baseline[key] else None
+                         for ratio, key in ratios.items()}) for row in rows]
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -28,7 +43,8 @@ def _fmt(value: Any, pattern: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     """A fixed-width text table of the comparable columns (plus the early-loss column)."""
-    early = next((k for k in rows[0] if k.startswith("val_loss_at_")), None) if rows else None
+    rows = with_ratios(rows)
+    early = next((k for row in rows for k in row if k.startswith("val_loss_at_")), None)
     columns = list(COLUMNS)
     if early:
         columns.insert(-2, (early, early.replace("val_loss_at_", "loss@"), "{:.4f}"))
@@ -40,12 +56,14 @@ def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     lines.append("  ".join("-" * w for w in widths))
     for r in body:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    lines += [f"note: {row['setup']}: {row['note']}" for row in rows if row.get("note")]
     return "\n".join(lines)
 
 
 def write_results(out_dir: Path, suites: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> list[Path]:
     """Write results.json (everything), results.csv (one row per set-up) and loss_curves.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    suites = {name: with_ratios(rows) for name, rows in suites.items()}
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps({"meta": meta, "suites": suites}, indent=2))
 

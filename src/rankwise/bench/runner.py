@@ -54,7 +54,7 @@ class Workload:
 def _adapter_data(setup: SetUp, batches: TokenBatches, count: int = 4) -> list[dict] | None:
     from rankwise.adapters import ADAPTERS
 
-    if not getattr(ADAPTERS.get(setup.method), "needs_data", False):
+    if not ADAPTERS.get(setup.method).needs_data():
         return None
     return [next(batches) for _ in range(count)]
 
@@ -71,8 +71,16 @@ def prepare(setup: SetUp, model: nn.Module, hidden_size: int, data_batches: Toke
         return torch.optim.AdamW(model.parameters(), lr=setup.lr)
     if setup.kind == "optim":
         return rw_optim.build(model, setup.method, lr=setup.lr, **rank_kw, **setup.options)
+    if setup.kind == "reference":
+        from rankwise.bench.references import build_reference
+
+        return build_reference(model, setup.method, lr=setup.lr, **rank_kw, **setup.options)
     if setup.kind == "adapter":
         rankwise.adapt(model, setup.method, **rank_kw, data=_adapter_data(setup, data_batches), **setup.options)
+        # A method may name the optimizer its paper trains it with (LoRA-Pro); AdamW otherwise.
+        trainer = getattr(rankwise.adapters.ADAPTERS.get(setup.method), "training_optimizer", None)
+        if trainer is not None:
+            return rw_optim.build(model, trainer, lr=setup.lr)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
     if setup.kind == "parametrize":
         pretrain.parametrize(model, setup.method, **rank_kw, **setup.options)
@@ -94,9 +102,20 @@ def run_setup(
     *,
     progress: Any = None,
 ) -> tuple[dict[str, Any], nn.Module]:
-    """Train one set-up; return its result row and the trained model."""
+    """Train one set-up; return its result row and the trained model.
+
+    A ``reference`` set-up whose package is not installed is not trained: its row carries a
+    ``note`` saying why, and the model returned is None.
+    """
+    from rankwise.bench.references import reference_state_bytes, unavailable_reason
     from rankwise.optim import state_bytes
 
+    skipped = unavailable_reason(setup.method) if setup.kind == "reference" else None
+    if skipped:
+        if progress is not None and hasattr(progress, "update"):
+            progress.update(config.steps)
+        return {"setup": setup.name, "kind": setup.kind, "method": setup.method, "note": f"skipped: {skipped}",
+                "history": [], "setup_spec": asdict(setup)}, None
     torch.manual_seed(config.seed)
     model = workload.make_model()
     batches = workload.batches(config)
@@ -104,6 +123,14 @@ def run_setup(
     optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches))
     init_seconds = time.perf_counter() - started
     scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    hooks = {}
+    if setup.kind == "adapter":
+        from rankwise.adapters import after_step, regularization_loss
+
+        hooks = {
+            "loss_hook": regularization_loss,
+            "step_hook": lambda step: after_step(model, step=step, total_steps=config.steps, optimizer=optimizer),
+        }
     result = train(
         model,
         optimizer,
@@ -113,6 +140,7 @@ def run_setup(
         eval_every=config.eval_every,
         scheduler=scheduler,
         progress=progress,
+        **hooks,
     )
     row = {
         "setup": setup.name,
@@ -122,7 +150,10 @@ def run_setup(
         "lr": setup.lr,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "init_seconds": init_seconds,
-        "optimizer_state_mb": state_bytes(optimizer) / MB,
+        "optimizer_state_mb": (reference_state_bytes if setup.kind == "reference" else state_bytes)(optimizer) / MB,
+        # time spent in subspace refreshes (SVDs, ...), already inside ms_per_step; None when not measured
+        "refresh_ms_per_step": (1000.0 * optimizer.refresh_seconds / config.steps
+                                if hasattr(optimizer, "refresh_seconds") else None),
         "peak_memory_mb": result.peak_memory_mb,
         "ms_per_step": result.ms_per_step,
         f"val_loss_at_{config.early_step}": _early_val_loss(result.history, config.early_step),

@@ -7,6 +7,10 @@ a method to the benchmark is one row here. ``default=False`` rows run only with
 Suites:
 - ``pretrain``: from a fresh random model on the embedded pretraining split (stdlib code).
 - ``finetune``: from the cached base checkpoint on the shifted split (documentation prose).
+- ``optim``: the low-rank gradient optimizers against AdamW on the pretraining workload, each
+  next to its reference package (kind ``reference``: galore-torch, fira, apollo-torch, built
+  by :mod:`rankwise.bench.references` for the same set-up; skipped with a note when not
+  installed). Rows of optimizers not registered in this build are left out with a note.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from rankwise.errors import RankwiseError
 
 #: how a set-up changes the model / optimizer
-KINDS = ("full", "optim", "adapter", "parametrize")
+KINDS = ("full", "optim", "reference", "adapter", "parametrize")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class SetUp:
     kind ``full``: AdamW on every parameter. ``optim``: ``rankwise.optim.build(name=method)``
     on every parameter. ``adapter``: ``rankwise.adapt(method)`` then AdamW on the adapter.
     ``parametrize``: ``rankwise.pretrain.parametrize(method)`` then AdamW.
+    ``reference``: a reference package's optimizer (``method`` names it in
+    ``rankwise.bench.references.REFERENCES``) on the split ``optim`` uses.
     ``rank`` is in model-width units: ``rank_fraction`` of the hidden size when ``rank`` is None.
     """
 
@@ -47,12 +53,32 @@ class SetUp:
         return None
 
 
+#: the optim suite's shared set-up: rank = half the width, refresh every 50 steps, each
+#: method's own default scale (the reference rows take their counterpart's)
+_OPTIM_SHARED: dict[str, Any] = {"lr": 1e-2, "rank_fraction": 0.5, "options": {"update_proj_gap": 50}}
+
 SUITES: dict[str, list[SetUp]] = {
     "pretrain": [
         SetUp("adamw", "full", lr=3e-3),
         SetUp("galore", "optim", "galore", lr=1e-2, rank_fraction=0.5,
               options={"update_proj_gap": 50, "scale": 0.25}),
         SetUp("low-rank W=BA", "parametrize", "lowrank", lr=3e-3, rank_fraction=0.5),
+    ],
+    "optim": [
+        SetUp("adamw", "optim", "adamw", lr=3e-3),
+        SetUp("galore", "optim", "galore", **_OPTIM_SHARED),
+        SetUp("galore-torch GaLoreAdamW", "reference", "galore-torch", **_OPTIM_SHARED),
+        SetUp("galore8bit", "optim", "galore8bit", **_OPTIM_SHARED),
+        SetUp("qgalore", "optim", "qgalore", **_OPTIM_SHARED),
+        SetUp("fira", "optim", "fira", **_OPTIM_SHARED),
+        SetUp("fira FiraAdamW", "reference", "fira", **_OPTIM_SHARED),
+        SetUp("apollo", "optim", "apollo", **_OPTIM_SHARED),
+        SetUp("apollo-torch APOLLOAdamW", "reference", "apollo-torch", **_OPTIM_SHARED),
+        SetUp("apollo_mini", "optim", "apollo_mini", lr=1e-2, options={"update_proj_gap": 50}),
+        SetUp("dct", "optim", "dct", **_OPTIM_SHARED),
+        SetUp("frugal", "optim", "frugal", **_OPTIM_SHARED),
+        SetUp("gradnorm_lorp", "optim", "gradnorm_lorp", **_OPTIM_SHARED),
+        SetUp("ldadam", "optim", "ldadam", **_OPTIM_SHARED),
     ],
     "finetune": [
         SetUp("full fine-tuning", "full", lr=3e-4),
@@ -72,4 +98,14 @@ def select_setups(suite: str, names: list[str] | None, include_all: bool) -> lis
         if missing:
             raise RankwiseError(f"suite {suite!r} has no set-up {missing}; it has: {', '.join(known)}")
         return [known[n] for n in names]
-    return [s for s in table if include_all or s.default]
+    chosen = [s for s in table if include_all or s.default]
+    missing = [s.name for s in chosen if s.kind == "optim" and s.method not in _registered_optimizers()]
+    if missing:
+        print(f"note: suite {suite!r} leaves out {', '.join(missing)}: not registered in this build")
+    return [s for s in chosen if s.name not in missing]
+
+
+def _registered_optimizers() -> list[str]:
+    from rankwise.optim import names
+
+    return names()

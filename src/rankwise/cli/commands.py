@@ -39,14 +39,14 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                      eval_batches=8, warmup_steps=min(10, args.steps // 10), early_step=eval_every, seed=args.seed)
 
 
-def _workload(args: argparse.Namespace, suite: str, config: RunConfig) -> Workload:
+def _workload(args: argparse.Namespace, split: str, config: RunConfig, *, from_base: bool) -> Workload:
     from rankwise.bench import embedded_workload, user_workload
 
     if args.model or args.data:
         if not (args.model and args.data):
             raise RankwiseError("--model and --data go together: give your model directory and your text/JSONL files")
         return user_workload(args.model, args.data, config)
-    return embedded_workload(suite, args.preset, config)
+    return embedded_workload(split, args.preset, config, from_base=from_base, base_steps=args.base_steps)
 
 
 def _optim_setup(args: argparse.Namespace, name: str, default_lr: float) -> SetUp:
@@ -73,7 +73,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         setup = SetUp(f"{args.parametrize}", "parametrize", args.parametrize, lr=args.lr or 3e-3, rank=args.rank)
     else:
         setup = _optim_setup(args, f"pretrain {args.optim}", default_lr=3e-3)
-    _, model = _train_and_report(setup, _workload(args, "pretrain", config), config)
+    _, model = _train_and_report(setup, _workload(args, "pretrain", config, from_base=False), config)
     if args.out:
         model.save_pretrained(args.out, safe_serialization=True)
         print(f"saved the trained model to {args.out}")
@@ -91,7 +91,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         setup = SetUp(args.method, "adapter", args.method, lr=args.lr or 3e-3, rank=args.rank or 8, options=options)
     else:
         setup = _optim_setup(args, f"full fine-tuning {args.optim}", default_lr=3e-4)
-    _, model = _train_and_report(setup, _workload(args, "finetune", config), config)
+    _, model = _train_and_report(setup, _workload(args, "finetune", config, from_base=True), config)
     if args.out:
         if args.method:
             save_adapter(model, args.out)
@@ -108,8 +108,9 @@ def run_compress(args: argparse.Namespace) -> int:
     from rankwise.compress import compress, save_compressed
     from rankwise.training import evaluate
 
-    config = RunConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=8)
-    workload = _workload(args, "pretrain", config)
+    config = RunConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=8, seed=args.seed)
+    # The base was pretrained on the code split: compression is judged on its held-out part.
+    workload = _workload(args, "pretrain", config, from_base=True)
     model = workload.make_model()
     batches = workload.batches(config)
     calibration = [next(batches) for _ in range(4)]

@@ -25,6 +25,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, steps: int) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for the trained result")
+    parser.add_argument("--base-steps", type=int, default=None, help="pretraining steps of the cached base")
 
 
 def _add_optim_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -36,6 +37,11 @@ def _add_optim_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--optim-target-modules", default="all-linear",
                         help="all-linear, comma-separated suffixes, or re:<regex>")
     parser.add_argument("--optim-args", default=None, help='more hyperparameters: "k=v,k=v"')
+    parser.add_argument("--layerwise", action="store_true",
+                        help="step each parameter inside backward from its gradient hook (rankwise.optim.layerwise)")
+    parser.add_argument("--accumulation-steps", type=int, default=None,
+                        help="with --layerwise: step every N micro-batches (--steps counts micro-batches; "
+                             "the step uses their summed gradient)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--batch-size", type=int, default=8)
     compress.add_argument("--seq-len", type=int, default=128)
     compress.add_argument("--out", default=None)
+    compress.add_argument("--base-steps", type=int, default=None, help="pretraining steps of the cached base")
+    compress.add_argument("--seed", type=int, default=0)
     return parser
 
 

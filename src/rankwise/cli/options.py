@@ -38,4 +38,8 @@ def optim_options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     options["targets"] = parse_targets(args.optim_target_modules)
+    if args.layerwise:
+        options["layerwise"] = True
+    if args.accumulation_steps is not None:
+        options["accumulation_steps"] = args.accumulation_steps  # without --layerwise: build() says what to do
     return options
