@@ -205,6 +205,17 @@ class AdapterLayer(nn.Module):
         """What a ``rewrites_base`` method moved out of the original weight (``out x in``)."""
         raise NotImplementedError(f"{type(self).__name__} sets rewrites_base but does not define base_offset()")
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(B, A)`` in fp32 with ``B @ A == delta_weight()`` (scaling folded in) when the update is
+        exactly low-rank-factored (``B`` out x k, ``A`` k x in); None otherwise. Used by
+        ``export_peft`` to write an exact PEFT LoRA instead of a truncated-SVD approximation."""
+        return None
+
+    def base_offset_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(B0, A0)`` in fp32 with ``B0 @ A0 == base_offset()`` for ``rewrites_base`` methods whose
+        offset is low-rank-factored; None otherwise."""
+        return None
+
     # ----- provided behaviour --------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class LoraLayer(AdapterLayer):
     """``base(x) + s * B A dropout(x)`` with ``s = alpha/r`` (or ``alpha/sqrt(r)`` with rsLoRA)."""
 
     OPTIONS = {"rslora": False}
+    #: parameters on the output side of the update (LoRA's ``B``); LoRA+ gives them their own
+    #: learning rate and LoRA-Pro pairs them with ``lora_A`` (see rankwise.optim.loraplus / lora_pro)
+    output_factor_names = ("lora_B",)
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
@@ -52,6 +55,10 @@ class LoraLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s * B, A)`` in fp32: the update is exactly rank-r factored."""
+        return self.scaling * self.lora_B.detach().float(), self.lora_A.detach().float()
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two thin products (tokens x r) instead of materialising the out x in update.
