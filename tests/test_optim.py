@@ -39,7 +39,9 @@ def build(case: OptimizerCase, model):
 
 
 def test_every_registered_name_has_a_row():
-    assert {c.name for c in CASES} == set(optim.names())
+    # Optimizers built from an adapted model (LoRA-Pro) have their own suite.
+    plain = {n for n in optim.names() if not getattr(optim.OPTIMIZERS.get(n), "takes_model", False)}
+    assert {c.name for c in CASES} == plain
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

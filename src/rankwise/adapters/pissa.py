@@ -119,6 +119,8 @@ class LoraRewriteLayer(FactoredRewriteLayer):
     buffers ``A0`` / ``B0``; the update is ``s B A`` with ``s = alpha / r``. Subclasses compute
     the initial factors in :meth:`initialize` and hand them to :meth:`start_from`."""
 
+    output_factor_names = ("lora_B",)  # the B factor LoRA+ gives its own learning rate
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.scaling = self.alpha / self.rank

@@ -1,0 +1,278 @@
+"""LoRA-Pro: an AdamW for LoRA adapters whose low-rank update best matches full fine-tuning.
+
+Paper: Wang, Liang, He, Wang & Tan, "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
+arXiv 2407.18242 (ICLR 2025).
+
+A LoRA layer computes with ``W = W0 + s B A`` (``B`` m x r, ``A`` r x n). With the full
+gradient ``g = dL/dW`` its factors receive ``g_A = s B^T g`` and ``g_B = s g A^T``, and a
+step ``A -= lr g_A', B -= lr g_B'`` moves ``W`` (to first order) by ``-lr * g~`` with the
+*equivalent gradient* ``g~ = s (B g_A' + g_B' A)``. LoRA-Pro chooses ``g_A'``, ``g_B'`` to
+minimise ``|| g~ - g ||_F`` (Theorem 2.1; ``A``, ``B`` full rank, ``P_B = B (B^T B)^{-1} B^T``)::
+
+    g_A' = (1/s^2) (B^T B)^{-1} g_A + X A
+    g_B' = (1/s^2) (I - P_B) g_B (A A^T)^{-1} - B X
+
+for any ``X`` (r x r); the full gradient is needed only through the LoRA gradients ``g_A``,
+``g_B`` (nothing m x n is differentiated). Every ``X`` gives the same equivalent gradient,
+``g~ = P_B g + (I - P_B) g A^T (A A^T)^{-1} A``, the projection of ``g`` onto the matrices
+reachable by a first-order change of ``B A``. Theorem 2.2 picks the ``X`` that keeps
+``(g_A', g_B')`` closest to ``(g_A, g_B)``: the solution of the Sylvester equation
+
+    B^T B X + X A A^T = -(1/s^2) (B^T B)^{-1} g_A A^T
+
+(solved with :func:`rankwise.linalg.sylvester.solve_psd_sylvester`).
+
+AdamW form (the paper's algorithm for Adam): Adam's moments are kept for the equivalent
+gradient, in weight space (``m x n`` each, like full fine-tuning's AdamW state)::
+
+    g~ = s (B g_A' + g_B' A)                        # from this step's LoRA gradients
+    m = b1 m + (1 - b1) g~ ;  v = b2 v + (1 - b2) g~^2
+    D = m_hat / (sqrt(v_hat) + eps)                 # Adam's full-space step direction
+    g_A^D = s B^T D ;  g_B^D = s D A^T              # what LoRA would receive if D were the gradient
+    A -= lr * g_A'(g_A^D, g_B^D) ;  B -= lr * g_B'(g_A^D, g_B^D)   # Theorems 2.1 + 2.2 again
+
+so the factor step realises the best low-rank approximation of the AdamW step of full
+fine-tuning. Parameters that are not LoRA pairs (other trainable tensors) get plain AdamW.
+
+Deviations and choices
+- ``(B^T B)^{-1}`` and ``(A A^T)^{-1}`` are damped, ``(B^T B + damping I)^{-1}``, as in the
+  authors' code (``damping = 1e-8``): at init ``B = 0`` and ``B^T B`` is singular. The
+  Sylvester equation uses the undamped Gram matrices and its minimum-norm solution when
+  they share a null direction.
+- Adam's bias correction is rankwise's :class:`~rankwise.optim.core.AdamMoments` form
+  (``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``, eps not bias-corrected).
+- Decoupled weight decay (default 0, the authors' default): the authors also decay the frozen
+  ``W0``; rankwise keeps the base weight frozen (adapters merge / export against it) and
+  decays only the adapter update: ``A, B *= sqrt(1 - lr wd)``, so ``s B A`` shrinks by
+  ``1 - lr wd`` per step.
+- Math in fp32 whatever the factors' dtype; the two moments are stored in the factors' dtype.
+
+State per LoRA layer (under its ``lora_A``): ``step`` (int), ``exp_avg`` and ``exp_avg_sq``
+(``m x n`` each), so ``state_bytes = 2 m n * itemsize`` per layer -- the memory price the
+paper reports. Layerwise mode is refused (``A`` and ``B`` must be stepped together).
+
+Use: ``rankwise.adapt(model, "lora_pro")`` (or ``"lora"``, or any adapter declaring
+``output_factor_names = ("lora_B",)`` with trainable ``lora_A`` / ``lora_B`` and a scalar
+``scaling``) then ``rankwise.optim.build(model, "lora_pro", lr=...)``. The method lives here;
+the adapter name ``lora_pro`` (:mod:`rankwise.adapters.lora_pro`) is a plain LoRA layer whose
+class attribute ``training_optimizer = "lora_pro"`` tells the bench / CLI to build this
+optimizer for it, so that ``"lora_pro"`` is both an adapter method and an optimizer name.
+The builder takes the model (``build_lora_pro.takes_model``): its groups are LoRA pairs, not
+the targeted-weights / rest split of the projected optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from rankwise.errors import RankwiseError
+from rankwise.linalg.sylvester import solve_psd_sylvester
+from rankwise.optim.core import OPTIMIZERS, AdamMoments, validate_adam_hparams
+from rankwise.optim.distributed import NONFINITE_MESSAGE
+
+_HPARAMS = ("betas", "eps", "weight_decay", "damping")
+
+
+def lora_pro_gradients(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    scaling: float,
+    *,
+    damping: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-Pro's adjusted gradients ``(g_A', g_B')`` from the LoRA gradients (fp32; see module docstring).
+
+    ``s (B g_A' + g_B' A)`` is the best Frobenius approximation of the full gradient that a
+    first-order change of ``B A`` can realise, and ``X`` solves Theorem 2.2's Sylvester equation.
+    """
+    a, b = lora_a.detach().float(), lora_b.detach().float()
+    g_a, g_b = grad_a.float(), grad_b.float()
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    btb, aat = b.T @ b, a @ a.T
+    inv_btb = torch.linalg.inv(btb + damping * eye)
+    inv_aat = torch.linalg.inv(aat + damping * eye)
+    base_a = inv_btb @ g_a / scaling**2
+    right = g_b @ inv_aat
+    base_b = (right - b @ (inv_btb @ (b.T @ right))) / scaling**2
+    x = solve_psd_sylvester(btb, aat, -(base_a @ a.T))
+    return base_a + x @ a, base_b - b @ x
+
+
+def equivalent_gradient(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``s (B g_A + g_B A)`` (fp32, ``m x n``): how a factor step ``-lr (g_A, g_B)`` moves ``W``."""
+    return scaling * (lora_b.detach().float() @ grad_a.float() + grad_b.float() @ lora_a.detach().float())
+
+
+def lora_pairs(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: layer}`` of the LoRA-shaped adapter layers LoRA-Pro can train: layers whose
+    class declares ``output_factor_names = ("lora_B",)`` and that hold trainable ``lora_A`` (r x n)
+    and ``lora_B`` (m x r) parameters and a scalar ``scaling`` (``W = W0 + scaling * B A``)."""
+    from rankwise.adapters.api import adapter_layers  # the optimizers do not need adapters to import
+
+    pairs = {}
+    for name, layer in adapter_layers(model).items():
+        a, b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+        if (
+            tuple(getattr(type(layer), "output_factor_names", ())) == ("lora_B",)
+            and isinstance(a, nn.Parameter)
+            and isinstance(b, nn.Parameter)
+            and a.requires_grad
+            and b.requires_grad
+            and a.ndim == 2
+            and b.ndim == 2
+            and b.shape[1] == a.shape[0]
+            and isinstance(getattr(layer, "scaling", None), Real)
+        ):
+            pairs[name] = layer
+    return pairs
+
+
+class LoRAProAdamW(Optimizer):
+    """AdamW with LoRA-Pro's gradient adjustment (see module docstring).
+
+    Groups with the key ``scaling`` hold one LoRA pair ``[lora_A, lora_B]`` of a layer with
+    ``W = W0 + scaling * B A``; other groups are plain AdamW.
+    """
+
+    supports_layerwise = False  # the adjustment needs A's and B's gradients together
+    adam = AdamMoments()
+
+    def __init__(
+        self,
+        params: Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        damping: float = 1e-8,
+    ) -> None:
+        validate_adam_hparams(lr, betas, eps, weight_decay)
+        if isinstance(damping, bool) or not isinstance(damping, Real) or not 0 < damping < math.inf:
+            raise RankwiseError(
+                f"damping must be a number > 0 (it regularises (B^T B)^-1 while B = 0), got {damping!r}"
+            )
+        self._warned: set[str] = set()
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "damping": damping,
+            "correct_bias": True,
+        }
+        super().__init__(params, defaults)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, lr: float, **hparams: Any) -> "LoRAProAdamW":
+        """One group per LoRA-shaped adapter layer (``scaling`` from the layer), one plain group
+        for the other trainable parameters. RankwiseError when the model has no LoRA pair."""
+        unknown = sorted(set(hparams) - set(_HPARAMS))
+        if unknown:
+            raise RankwiseError(
+                f"unknown hyperparameter(s) {', '.join(unknown)} for lora_pro; accepted: {', '.join(_HPARAMS)}"
+            )
+        pairs = lora_pairs(model)
+        if not pairs:
+            raise RankwiseError(
+                "lora_pro trains LoRA adapters (trainable lora_A / lora_B with a scalar scaling) and the model has "
+                "none; call rankwise.adapt(model, 'lora_pro') (or 'lora') first"
+            )
+        groups: list[dict] = [
+            {"params": [layer.lora_A, layer.lora_B], "scaling": float(layer.scaling)} for layer in pairs.values()
+        ]
+        paired = {id(p) for group in groups for p in group["params"]}
+        others, seen = [], set(paired)
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                others.append(p)
+        if others:
+            groups.append({"params": others})
+        return cls(groups, lr=lr, **hparams)
+
+    def warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=3)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if "scaling" in group:
+                self._step_pair(group)
+            else:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        self._step_plain(param, group)
+        return loss
+
+    def _finite(self, *grads: torch.Tensor) -> bool:
+        if all(torch.isfinite(g).all() for g in grads):
+            return True
+        self.warn_once("nonfinite", NONFINITE_MESSAGE)
+        return False
+
+    def _step_plain(self, param: torch.Tensor, group: dict) -> None:
+        if not self._finite(param.grad):
+            return
+        state = self.state[param]
+        state["step"] = state.get("step", 0) + 1
+        direction, step_size = self.adam.update(state, param.grad, group)
+        if group["weight_decay"] > 0:
+            param.mul_(1.0 - group["lr"] * group["weight_decay"])
+        param.add_(direction, alpha=-step_size)
+
+    def _step_pair(self, group: dict) -> None:
+        lora_a, lora_b = group["params"]
+        if lora_a.grad is None and lora_b.grad is None:
+            return
+        grad_a = lora_a.grad if lora_a.grad is not None else torch.zeros_like(lora_a)
+        grad_b = lora_b.grad if lora_b.grad is not None else torch.zeros_like(lora_b)
+        if not self._finite(grad_a, grad_b):
+            return
+        scaling, damping = group["scaling"], group["damping"]
+        adjusted = lora_pro_gradients(lora_a, lora_b, grad_a, grad_b, scaling, damping=damping)
+        full = equivalent_gradient(lora_a, lora_b, *adjusted, scaling).to(lora_a.dtype)
+        state = self.state[lora_a]
+        state["step"] = state.get("step", 0) + 1
+        direction, step_size = self.adam.update(state, full, group)
+        a, b = lora_a.float(), lora_b.float()
+        direction = direction.float()
+        step_a, step_b = lora_pro_gradients(
+            a, b, scaling * (b.T @ direction), scaling * (direction @ a.T), scaling, damping=damping
+        )
+        if group["weight_decay"] > 0:
+            shrink = math.sqrt(1.0 - group["lr"] * group["weight_decay"])
+            lora_a.mul_(shrink)
+            lora_b.mul_(shrink)
+        lora_a.add_(step_a.to(lora_a.dtype), alpha=-step_size)
+        lora_b.add_(step_b.to(lora_b.dtype), alpha=-step_size)
+
+
+@OPTIMIZERS.register("lora_pro")
+def build_lora_pro(model: nn.Module, *, lr: float, targets: Any = "all-linear", **hparams: Any) -> LoRAProAdamW:
+    """:class:`LoRAProAdamW` over an adapted ``model`` (called by ``rankwise.optim.build``)."""
+    if targets != "all-linear":
+        raise RankwiseError(
+            "lora_pro trains the LoRA adapters chosen when the model was adapted; drop targets "
+            "(choose layers with rankwise.adapt(..., targets=...))"
+        )
+    return LoRAProAdamW.from_model(model, lr=lr, **hparams)
+
+
+build_lora_pro.takes_model = True  # rankwise.optim.build passes the model, not (projected, others)

@@ -1,0 +1,6 @@
+from cases import AdapterCase
+
+CASES = [
+    # LoRA-Pro changes the optimizer, not the layer: LoRA's tensors, init (identity) and count.
+    AdapterCase("lora_pro", "lora_pro", {}, False, True, lambda n_in, n_out, r: r * (n_in + n_out)),
+]
