@@ -200,11 +200,15 @@ def export_peft(
             target = min(rank or layer.rank, *update.shape)
             up, down, exact = _svd_factors(update, target)
             entry = {"source": "svd", "scaling": 1.0, "exact": exact}
+        if down.shape[0] == 0:
+            continue  # every rank pruned (SoRA gates, AdaLoRA budget): the update is exactly zero
         up, down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
         entry.update(up=up, down=down, rank=down.shape[0], dropout=float(layer.options["dropout"]),
                      relative_error=_relative_error(update, up, down, entry["scaling"]))
         entries[name] = entry
 
+    if not entries:
+        raise RankwiseError("nothing to export: every adapter layer's rank was pruned to 0, so the update is zero")
     inexact = [name for name, entry in entries.items() if not entry["exact"]]
     if require_exact and inexact:
         sample = ", ".join(f"{n} ({layers[n].method}, error {entries[n]['relative_error']:.3g})" for n in inexact[:5])
