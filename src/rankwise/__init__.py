@@ -13,6 +13,9 @@ Pillars (each a sub-package with its own registry):
 from rankwise import analyze, optim, pretrain
 from rankwise.adapters import (
     adapt,
+    export_peft,
+    import_peft,
+    init_report,
     load_adapter,
     merge,
     methods,
@@ -31,6 +34,9 @@ __all__ = [
     "adapt",
     "analyze",
     "compress",
+    "export_peft",
+    "import_peft",
+    "init_report",
     "load_adapter",
     "load_compressed",
     "merge",

@@ -88,8 +88,13 @@ def run_bench(
     base_steps: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    every_setup: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run the suites, print their tables and write results.json / results.csv / loss_curves.png."""
+    """Run the suites, print their tables and write results.json / results.csv / loss_curves.png.
+
+    Each suite runs its default set-ups; all of them with ``every_setup`` or preset ``full``,
+    or exactly those named in ``setups``.
+    """
     from tqdm.auto import tqdm
 
     if preset not in PRESETS:
@@ -97,6 +102,7 @@ def run_bench(
     if (model_dir is None) != (not data_files):
         raise RankwiseError("--model and --data go together: give your model directory and your text/JSONL files")
     model_preset, config, include_all = PRESETS[preset]
+    include_all = include_all or every_setup
     config = replace(config, seed=seed, **({"steps": steps} if steps else {}))
     if config.steps < 1:
         raise RankwiseError(f"steps must be >= 1, got {config.steps}")

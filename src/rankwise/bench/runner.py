@@ -59,8 +59,11 @@ def _adapter_data(setup: SetUp, batches: TokenBatches, count: int = 4) -> list[d
     return [next(batches) for _ in range(count)]
 
 
-def prepare(setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches) -> torch.optim.Optimizer:
-    """Apply ``setup`` to ``model`` in place and return the optimizer that trains it."""
+def prepare(
+    setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches, steps: int
+) -> torch.optim.Optimizer:
+    """Apply ``setup`` to ``model`` in place and return the optimizer that trains it for ``steps``."""
+    options = setup.resolved_options(steps)
     import rankwise
     from rankwise import optim as rw_optim
     from rankwise import pretrain
@@ -70,20 +73,20 @@ def prepare(setup: SetUp, model: nn.Module, hidden_size: int, data_batches: Toke
     if setup.kind == "full":
         return torch.optim.AdamW(model.parameters(), lr=setup.lr)
     if setup.kind == "optim":
-        return rw_optim.build(model, setup.method, lr=setup.lr, **rank_kw, **setup.options)
+        return rw_optim.build(model, setup.method, lr=setup.lr, **rank_kw, **options)
     if setup.kind == "reference":
         from rankwise.bench.references import build_reference
 
-        return build_reference(model, setup.method, lr=setup.lr, **rank_kw, **setup.options)
+        return build_reference(model, setup.method, lr=setup.lr, **rank_kw, **options)
     if setup.kind == "adapter":
-        rankwise.adapt(model, setup.method, **rank_kw, data=_adapter_data(setup, data_batches), **setup.options)
+        rankwise.adapt(model, setup.method, **rank_kw, data=_adapter_data(setup, data_batches), **options)
         # A method may name the optimizer its paper trains it with (LoRA-Pro); AdamW otherwise.
         trainer = getattr(rankwise.adapters.ADAPTERS.get(setup.method), "training_optimizer", None)
-        if trainer is not None:
-            return rw_optim.build(model, trainer, lr=setup.lr)
+        if trainer is not None or setup.optimizer_options:
+            return rw_optim.build(model, trainer or "adamw", lr=setup.lr, **setup.optimizer_options)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
     if setup.kind == "parametrize":
-        pretrain.parametrize(model, setup.method, **rank_kw, **setup.options)
+        pretrain.parametrize(model, setup.method, **rank_kw, **options)
         return torch.optim.AdamW(model.parameters(), lr=setup.lr)
     raise RankwiseError(f"set-up {setup.name!r} has unknown kind {setup.kind!r}")
 
@@ -120,7 +123,7 @@ def run_setup(
     model = workload.make_model()
     batches = workload.batches(config)
     started = time.perf_counter()
-    optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches))
+    optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches), config.steps)
     init_seconds = time.perf_counter() - started
     scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
     hooks = {}

@@ -25,11 +25,23 @@ KINDS = ("full", "optim", "reference", "adapter", "parametrize")
 
 
 @dataclass(frozen=True)
+class StepFraction:
+    """An option given as a fraction of the run's steps (schedules such as AdaLoRA's tinit),
+    so a suite row stays valid whatever ``--steps`` is."""
+
+    fraction: float
+
+    def resolve(self, steps: int) -> int:
+        return int(round(self.fraction * steps))
+
+
+@dataclass(frozen=True)
 class SetUp:
     """One row of a suite.
 
     kind ``full``: AdamW on every parameter. ``optim``: ``rankwise.optim.build(name=method)``
-    on every parameter. ``adapter``: ``rankwise.adapt(method)`` then AdamW on the adapter.
+    on every parameter. ``adapter``: ``rankwise.adapt(method)`` then AdamW on the adapter (or the optimizer the
+    method names, or ``rankwise.optim.build`` with ``optimizer_options``).
     ``parametrize``: ``rankwise.pretrain.parametrize(method)`` then AdamW.
     ``reference``: a reference package's optimizer (``method`` names it in
     ``rankwise.bench.references.REFERENCES``) on the split ``optim`` uses.
@@ -44,6 +56,11 @@ class SetUp:
     rank_fraction: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     default: bool = True
+    #: extra ``rankwise.optim.build`` arguments for adapter set-ups (LoRA+'s ``loraplus_lr_ratio``)
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_options(self, steps: int) -> dict[str, Any]:
+        return {k: v.resolve(steps) if isinstance(v, StepFraction) else v for k, v in self.options.items()}
 
     def resolved_rank(self, hidden_size: int) -> int | None:
         if self.rank is not None:
@@ -80,9 +97,32 @@ SUITES: dict[str, list[SetUp]] = {
         SetUp("gradnorm_lorp", "optim", "gradnorm_lorp", **_OPTIM_SHARED),
         SetUp("ldadam", "optim", "ldadam", **_OPTIM_SHARED),
     ],
+    # Adapters at rank 8 on every Linear layer of the base; methods with only O(r) trainable
+    # values per layer (loldu, svfit, lora_sb) take a larger learning rate, as their papers do.
     "finetune": [
         SetUp("full fine-tuning", "full", lr=3e-4),
         SetUp("lora", "adapter", "lora", lr=3e-3, rank=8),
+        SetUp("lora+ (ratio 16)", "adapter", "lora", lr=1e-3, rank=8, default=False,
+              optimizer_options={"loraplus_lr_ratio": 16}),
+        SetUp("lora_pro", "adapter", "lora_pro", lr=3e-3, rank=8, default=False),
+        SetUp("pissa", "adapter", "pissa", lr=3e-3, rank=8),
+        SetUp("pissa (niter 4)", "adapter", "pissa", lr=3e-3, rank=8, options={"niter": 4}, default=False),
+        SetUp("olora", "adapter", "olora", lr=3e-3, rank=8, default=False),
+        SetUp("loldu", "adapter", "loldu", lr=3e-2, rank=8, default=False),
+        SetUp("svfit", "adapter", "svfit", lr=3e-2, rank=8, default=False),
+        SetUp("sorsa", "adapter", "sorsa", lr=3e-3, rank=8, default=False),
+        SetUp("corda (ipm)", "adapter", "corda", lr=3e-3, rank=8, options={"mode": "ipm"}, default=False),
+        SetUp("corda (kpm)", "adapter", "corda", lr=3e-3, rank=8, options={"mode": "kpm"}, default=False),
+        SetUp("eva", "adapter", "eva", lr=3e-3, rank=8, default=False),
+        SetUp("lora_ga", "adapter", "lora_ga", lr=3e-3, rank=8, default=False),
+        SetUp("lora_sb", "adapter", "lora_sb", lr=3e-2, rank=8, default=False),
+        SetUp("dylora", "adapter", "dylora", lr=3e-3, rank=8, options={"frozen": False}, default=False),
+        SetUp("adalora (12 -> 8)", "adapter", "adalora", lr=3e-3, rank=12,
+              options={"target_r": 8, "tinit": StepFraction(0.1), "tfinal": StepFraction(0.2), "deltaT": 5},
+              default=False),
+        SetUp("increlora (capacity 12)", "adapter", "increlora", lr=3e-3, rank=12,
+              options={"init_r": 2, "target_r": 8, "incre_interval": 10}, default=False),
+        SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
     ],
 }
 

@@ -17,7 +17,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from rankwise.bench import run_bench as bench
 
     bench(
-        [s.strip() for s in args.suite.split(",") if s.strip()],
+        [s.strip() for s in (args.suite or "pretrain,finetune").split(",") if s.strip()],
         preset=args.preset,
         out=args.out,
         setups=[s.strip() for s in args.setups.split(",")] if args.setups else None,
@@ -27,6 +27,7 @@ def run_bench(args: argparse.Namespace) -> int:
         base_steps=args.base_steps,
         seed=args.seed,
         show_progress=not args.no_progress,
+        every_setup=args.suite is not None,
     )
     return 0
 

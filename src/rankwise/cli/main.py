@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="train set-ups side by side and compare them")
-    bench.add_argument("--suite", default="pretrain,finetune", help="comma-separated suites")
+    bench.add_argument("--suite", default=None,
+                       help="comma-separated suites (pretrain, finetune, optim); a named suite runs all its set-ups "
+                            "(default: pretrain,finetune with their default set-ups)")
     bench.add_argument("--preset", default="quick", help="quick (default, minutes) or full (longer, larger)")
     bench.add_argument("--setups", default=None, help="comma-separated set-up names to run")
     bench.add_argument("--steps", type=int, default=None, help="override the preset's steps per set-up")
