@@ -12,12 +12,16 @@
 5. swap the modules in and freeze everything but the adapter parameters (the previous
    ``requires_grad`` flags are remembered for :func:`unload`).
 
+Step 3 times each layer's ``initialize`` (the SVD / QR / LU of data-free inits, the
+decompositions of data-driven ones) into ``layer.init_seconds``; :func:`init_report` sums them.
+
 Stacking is refused: adapting a model that already holds adapters raises a RankwiseError
 (call :func:`unload` first to fold the existing adapters into the weights).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 import torch
@@ -120,6 +124,27 @@ def _refuse_tied_weights(model: nn.Module, bases: dict[str, nn.Linear]) -> None:
             )
 
 
+def initialize_timed(layer: AdapterLayer, stats: Any) -> None:
+    """``layer.initialize(stats)``, its wall-clock seconds stored in ``layer.init_seconds``."""
+    start = time.perf_counter()
+    layer.initialize(stats)
+    if layer.base.weight.device.type == "cuda":
+        torch.cuda.synchronize(layer.base.weight.device)  # kernels run asynchronously: wait for them
+    layer.init_seconds = time.perf_counter() - start
+
+
+def init_report(model: nn.Module) -> dict[str, Any]:
+    """``{"total_seconds": float, "layers": {module name: seconds}}``: time spent in each layer's
+    initialisation by :func:`adapt` (statistics collection for data-driven methods not included).
+    Layers built by ``load_adapter`` were not initialised and are not listed."""
+    layers = {
+        name: layer.init_seconds
+        for name, layer in require_adapters(model, "report init times").items()
+        if hasattr(layer, "init_seconds")
+    }
+    return {"total_seconds": sum(layers.values()), "layers": layers}
+
+
 def adapt(
     model: nn.Module,
     method: str,
@@ -165,7 +190,7 @@ def adapt(
         name: build_layer(method, base, ranks[name], alpha, name, options, shared) for name, base in bases.items()
     }
     for name, layer in layers.items():
-        layer.initialize(stats.get(name))
+        initialize_timed(layer, stats.get(name))
     rewrite_bases(layers.values())
     install_layers(model, layers)
     return model

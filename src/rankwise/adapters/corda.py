@@ -1,0 +1,126 @@
+"""CorDA: context-oriented decomposition adaptation.
+
+Yang et al. 2024, "CorDA: Context-Oriented Decomposition Adaptation of Large Language
+Models for Task-Aware Parameter-Efficient Fine-tuning", arXiv 2406.05223.
+
+For a layer ``y = W x`` (``W`` is ``out x in``) the data gives the input covariance
+``C = X^T X / n`` (``in x in``, the ``n`` rows of X = the layer's inputs on
+``adapt(..., data=...)``; the paper writes ``X X^T``, unnormalised -- dividing by ``n`` changes
+neither the decomposition nor the residual, only makes the split of each component between
+``A`` and ``B`` independent of how much data was passed, as in PEFT).
+The weight is decomposed through the context it sees:
+
+    C_d       = C + lambda * mean(diag C) * I          (damping, see below)
+    W C_d     = U diag(S) V^T                          (thin SVD, fp32)
+    W         = (W C_d) C_d^{-1} = U diag(S) (V^T C_d^{-1}) = sum_i s_i u_i (C_d^{-1} v_i)^T
+
+Then r of these components become a LoRA adapter and the others stay in the frozen base:
+
+- ``mode="ipm"`` (instruction-previewed): the r LARGEST components (those the task context
+  stimulates most) are trained, the rest is frozen;
+- ``mode="kpm"`` (knowledge-preserved): the r SMALLEST components are trained and the
+  principal ones stay frozen, preserving what the context (e.g. QA data) relies on.
+
+With the chosen index set ``I`` and the LoRA scaling ``s = alpha / r``:
+
+    B0 = U_I diag(sqrt(S_I / s)),   A0 = diag(sqrt(S_I / s)) V_I^T C_d^{-1}
+    W_res = W - s B0 A0,            B = B0, A = A0 (trainable)
+
+so ``W_res + s B A = W``: the output at init equals the base model's exactly.
+
+Damping (a deviation in detail, not in substance): C is singular whenever the data has
+fewer tokens than ``in`` or the activations span a subspace, so ``C^{-1}`` does not exist.
+The paper's release and PEFT add a multiple of the mean diagonal to C; here always
+``lambda * mean(diag C)`` with ``lambda = damping`` (default 0.01, PEFT's starting value --
+PEFT doubles it until an explicit inverse is accurate; a Cholesky solve needs no retry).
+The identity ``W = (W C_d) C_d^{-1}`` holds for any damping, so the init is exact either
+way; damping only changes which directions are called principal. A layer whose inputs
+were all zero has no context and raises a RankwiseError.
+
+Option ``niter`` (ipm only): the top-r triplets of ``W C_d`` by a randomized SVD with that many
+power iterations (PiSSA's option) instead of the full thin SVD; kpm needs the smallest
+components, hence the full SVD. Layer by layer, on the weight's device, in fp32.
+
+The LoRA-shaped rewrite machinery (trainable ``lora_A`` / ``lora_B`` starting at the buffers
+``A0`` / ``B0``, ``base_offset = s B0 A0``, PEFT-export factors) is PiSSA's
+:class:`~rankwise.adapters.pissa.LoraRewriteLayer`. Scaling ``s = alpha / r``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.pissa import LoraRewriteLayer, check_niter
+from rankwise.calibration import LayerStatistics
+from rankwise.linalg.svd import svd, truncated_svd
+
+
+def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``C + damping * mean(diag C) * I`` in fp32."""
+    gram = gram.float()
+    shift = damping * torch.diagonal(gram).mean()
+    return gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def context_decomposition(
+    weight: torch.Tensor, covariance: torch.Tensor, damping: float, *, rank: int | None = None, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, P)`` with ``W = U diag(S) P`` where ``W C_d = U diag(S) V^T`` and ``P = V^T C_d^{-1}``.
+
+    All ``min(out, in)`` components, or only the top ``rank`` (by a randomized SVD with
+    ``niter`` power iterations when ``niter`` is given). Raises ValueError when ``C_d`` is not
+    positive definite (e.g. all-zero inputs).
+    """
+    c_damped = damped_gram(covariance.to(weight.device), damping)
+    factor, info = torch.linalg.cholesky_ex(c_damped)
+    if int(info) != 0 or not torch.isfinite(c_damped).all():
+        raise ValueError("the damped input covariance is not positive definite")
+    context_weight = weight.float() @ c_damped
+    u, s, vh = svd(context_weight) if rank is None else truncated_svd(context_weight, rank, niter=niter)
+    # V^T C_d^{-1} = (C_d^{-1} V)^T because C_d is symmetric.
+    projected = torch.cholesky_solve(vh.T.contiguous(), factor).T
+    return u, s, projected
+
+
+@ADAPTERS.register("corda")
+class CordaLayer(LoraRewriteLayer):
+    """CorDA: adapter = r components of ``W = U S (V^T C^{-1})``, top r (``ipm``) or bottom r (``kpm``)."""
+
+    OPTIONS = {"mode": "ipm", "damping": 0.01, "niter": None}
+    statistics = ("input_covariance",)
+
+    def __init__(self, base, rank: int, alpha: float, **options: Any) -> None:
+        super().__init__(base, rank, alpha, **options)
+        if self.options["mode"] not in ("ipm", "kpm"):
+            raise self.error(
+                f"mode must be 'ipm' (train the principal components) or 'kpm' (train the smallest), "
+                f"got {self.options['mode']!r}"
+            )
+        damping = self.options["damping"]
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+            raise self.error(f"damping must be a positive number (relative to the mean diagonal), got {damping!r}")
+        check_niter(self)
+        if self.options["niter"] is not None and self.options["mode"] == "kpm":
+            raise self.error("niter (randomized SVD of the top components) needs mode='ipm'; kpm uses the smallest")
+
+    def initialize(self, stats: LayerStatistics | None = None) -> None:
+        covariance = stats.input_covariance if stats is not None else None
+        if covariance is None or covariance.count == 0:
+            raise self.error("no input rows were collected for this layer; pass data that runs through it")
+        principal = self.options["mode"] == "ipm"
+        try:
+            u, s, projected = context_decomposition(
+                self.base.weight,
+                covariance.second_moment(),
+                float(self.options["damping"]),
+                rank=self.rank if principal else None,
+                niter=self.options["niter"],
+            )
+        except ValueError as exc:
+            raise self.error(f"{exc}; the layer saw only zero inputs -- pass data that activates it") from None
+        chosen = slice(0, self.rank) if principal else slice(s.shape[0] - self.rank, s.shape[0])
+        root = (s[chosen] / self.scaling).sqrt()
+        self.start_from(u[:, chosen] * root, root[:, None] * projected[chosen])

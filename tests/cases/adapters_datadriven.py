@@ -1,0 +1,19 @@
+"""Common-suite rows of the data-driven initialisations (corda, eva, lora_ga, lora_sb)."""
+
+from cases import AdapterCase
+
+
+def lora_shaped(n_in: int, n_out: int, r: int) -> int:
+    return r * (n_in + n_out)
+
+
+CASES = [
+    AdapterCase("corda-ipm", "corda", {"mode": "ipm"}, True, True, lora_shaped),
+    AdapterCase("corda-kpm", "corda", {"mode": "kpm"}, True, True, lora_shaped),
+    # rho=1: no redistribution, so every layer keeps rank r and the count is the LoRA formula.
+    AdapterCase("eva-rho1", "eva", {"rho": 1.0}, True, True, lora_shaped),
+    AdapterCase("lora_ga", "lora_ga", {}, True, True, lora_shaped),
+    AdapterCase("lora_sb", "lora_sb", {}, True, True, lambda n_in, n_out, r: r * r),
+    AdapterCase("lora_sb-start-from-update", "lora_sb", {"start_from_update": True, "update": "sgd", "update_lr": 1.0},
+                True, False, lambda n_in, n_out, r: r * r),
+]
