@@ -67,6 +67,7 @@ def test_state_bytes_match_formula(case):
     projected, others = optim.split_parameters(model)
     expected = sum(case.weight_bytes(*p.shape) for _, p in projected)
     expected += sum(case.other_bytes(p.numel()) for p in others)
+    expected += case.shared_bytes([tuple(p.shape) for _, p in projected])
     assert optim.state_bytes(optimizer) == expected
     if case.low_rank:
         baseline_model = make_llama()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 FP32 = 4
 
@@ -28,7 +28,8 @@ class OptimizerCase:
     """One optimizer configuration in the common suite (tests/test_optim.py).
 
     weight_bytes(m, n): exact optimizer-state bytes of one targeted fp32 m x n weight;
-    other_bytes(numel): state bytes of one parameter of the other (AdamW) group.
+    other_bytes(numel): state bytes of one parameter of the other (AdamW) group;
+    shared_bytes(shapes): buffers shared between weights, counted once.
     """
 
     name: str
@@ -37,3 +38,5 @@ class OptimizerCase:
     other_bytes: Callable[[int], int] = adam_bytes  # state of one other parameter, by numel
     low_rank: bool = True  # state must be below AdamW's
     lr: float = 1e-2
+    #: bytes of ``optimizer.shared_buffers`` given the projected weights' shapes (DCT bases)
+    shared_bytes: Callable[[Sequence[tuple[int, int]]], int] = lambda shapes: 0

@@ -28,20 +28,21 @@ class Reference:
     module: str
     class_name: str
     counterpart: str  # the rankwise optimizer it is compared with (its default scale is used)
+    scale_key: str  # the group key of the scale, in both packages
     group_keys: Callable[[int, int, float, str], dict[str, Any]]  # (rank, gap, scale, proj_type) -> keys
 
 
 REFERENCES: dict[str, Reference] = {
     "galore-torch": Reference(
-        "galore-torch", "galore_torch", "GaLoreAdamW", "galore",
+        "galore-torch", "galore_torch", "GaLoreAdamW", "galore", "scale",
         lambda rank, gap, scale, proj: {"rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": proj},
     ),
     "fira": Reference(
-        "fira", "fira", "FiraAdamW", "fira",
+        "fira", "fira", "FiraAdamW", "fira", "alpha",
         lambda rank, gap, scale, proj: {"rank": rank, "update_proj_gap": gap, "alpha": scale, "proj_type": proj},
     ),
     "apollo-torch": Reference(
-        "apollo-torch", "apollo_torch", "APOLLOAdamW", "apollo",
+        "apollo-torch", "apollo_torch", "APOLLOAdamW", "apollo", "scale",
         lambda rank, gap, scale, proj: {"rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": proj,
                                         "proj": "random", "scale_type": "channel"},
     ),
@@ -66,12 +67,12 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-def default_scale(counterpart: str) -> float:
+def default_scale(ref: Reference) -> float:
     """The scale the rankwise counterpart uses when none is given (its paper's default)."""
     from rankwise.optim import OPTIMIZERS
 
-    builder = OPTIMIZERS.get(counterpart)
-    return float(getattr(builder, "__self__").method_defaults["scale"])
+    builder = OPTIMIZERS.get(ref.counterpart)  # the bound classmethod ``Class.from_parameters``
+    return float(builder.__self__.method_defaults[ref.scale_key])
 
 
 def build_reference(
@@ -94,13 +95,14 @@ def build_reference(
     if reason:
         raise RankwiseError(reason)
     cls = getattr(importlib.import_module(ref.module), ref.class_name)
-    scale = options.get("scale", default_scale(ref.counterpart))
+    scale = options.get("scale", default_scale(ref))
     keys = ref.group_keys(rank, options.get("update_proj_gap", 200), scale, options.get("proj_type", "std"))
     projected, others = split_parameters(model, targets)
     groups = [{"params": [p for _, p in projected], **keys}]
     if others:
         groups.append({"params": others})
-    return cls(groups, lr=lr, **{k: options[k] for k in ADAM_KEYS if k in options})
+    adam = {k: options[k] for k in ADAM_KEYS if k in options}
+    return cls(groups, lr=lr, no_deprecation_warning=True, **adam)
 
 
 def _tensors(value: Any, seen: set[int]) -> Iterator[torch.Tensor]:

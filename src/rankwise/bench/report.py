@@ -45,7 +45,8 @@ def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     """A fixed-width text table of the comparable columns (plus the early-loss column)."""
     rows = with_ratios(rows)
     early = next((k for row in rows for k in row if k.startswith("val_loss_at_")), None)
-    columns = list(COLUMNS)
+    optional = ("state_vs_adamw", "time_vs_adamw", "refresh_ms_per_step")  # shown when some row has them
+    columns = [c for c in COLUMNS if c[0] not in optional or any(row.get(c[0]) is not None for row in rows)]
     if early:
         columns.insert(-2, (early, early.replace("val_loss_at_", "loss@"), "{:.4f}"))
     header = [c[1] for c in columns]

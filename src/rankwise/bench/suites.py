@@ -93,7 +93,7 @@ SUITES: dict[str, list[SetUp]] = {
         SetUp("apollo-torch APOLLOAdamW", "reference", "apollo-torch", **_OPTIM_SHARED),
         SetUp("apollo_mini", "optim", "apollo_mini", lr=1e-2, options={"update_proj_gap": 50}),
         SetUp("dct", "optim", "dct", **_OPTIM_SHARED),
-        SetUp("frugal", "optim", "frugal", **_OPTIM_SHARED),
+        SetUp("frugal", "optim", "frugal", lr=1e-2, options={"update_proj_gap": 50}),  # its blocks: density, no rank
         SetUp("gradnorm_lorp", "optim", "gradnorm_lorp", **_OPTIM_SHARED),
         SetUp("ldadam", "optim", "ldadam", **_OPTIM_SHARED),
     ],

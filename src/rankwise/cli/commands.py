@@ -51,9 +51,9 @@ def _workload(args: argparse.Namespace, split: str, config: RunConfig, *, from_b
 
 
 def _optim_setup(args: argparse.Namespace, name: str, default_lr: float) -> SetUp:
-    if args.optim == "adamw":
-        return SetUp(name, "full", lr=args.lr or default_lr)
     options = optim_options(args)
+    if args.optim == "adamw" and options == {"targets": "all-linear"}:
+        return SetUp(name, "full", lr=args.lr or default_lr)
     rank = args.rank if args.rank is not None else options.pop("rank", None)
     options.pop("rank", None)
     return SetUp(name, "optim", args.optim, lr=args.lr or default_lr, rank=rank, options=options)

@@ -30,7 +30,8 @@ Guarantees the base class gives every method
   (a ``dict[str, Tensor]`` for buffers shared between parameters, e.g. one DCT matrix per
   size) once.
 - :meth:`LowRankAdamW.step_parameter` steps a single parameter (layerwise mode calls it
-  from post-accumulate-grad hooks).
+  from post-accumulate-grad hooks); FSDP2 shards (DTensors) go through
+  :func:`rankwise.optim.distributed.step_sharded`. A method's pieces see plain tensors only.
 
 How to add an optimizer
 -----------------------
@@ -87,6 +88,7 @@ from torch.optim import Optimizer
 from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import PROJ_TYPES, Basis, change_coordinates, projection_sides, singular_basis
 from rankwise.linalg.svd import SVDFailure
+from rankwise.optim.distributed import NONFINITE_MESSAGE, is_dtensor, step_sharded
 from rankwise.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer")
@@ -389,22 +391,39 @@ class LowRankAdamW(Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_parameter(self, param: torch.Tensor, group: Mapping[str, Any]) -> None:
-        """One step of one parameter from ``param.grad`` (layerwise mode calls this directly)."""
-        grad = param.grad
+    def step_parameter(
+        self,
+        param: torch.Tensor,
+        group: Mapping[str, Any],
+        *,
+        weight: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
+    ) -> None:
+        """One step of one parameter from ``param.grad`` (layerwise mode calls this directly).
+
+        ``param`` keys the state and the seed; the update is computed from ``grad`` and written
+        into ``weight`` (both default to ``param`` / ``param.grad``). An FSDP2 shard (a DTensor)
+        is dispatched to :func:`rankwise.optim.distributed.step_sharded`, which passes the
+        gathered full weight and gradient here.
+        """
+        if weight is None and is_dtensor(param):
+            step_sharded(self, param, group)
+            return
+        weight = param if weight is None else weight
+        grad = param.grad if grad is None else grad
         if grad.is_sparse:
             raise RankwiseError(
                 f"{type(self).__name__} does not support sparse gradients ({self.param_name(param)})"
             )
         if not torch.isfinite(grad).all():
-            self.warn_once("nonfinite", "non-finite gradient: skipped the step of the affected parameter(s)")
+            self.warn_once("nonfinite", NONFINITE_MESSAGE)
             return
         state = self.state[param]
         if "step" not in state:
             state["step"] = 0
         projected = "rank" in group
         if projected:
-            basis = self._current_basis(param, grad, state, group)
+            basis = self._current_basis(param, grad, state, group, weight=weight)
             if basis is None:
                 return
             low_grad = basis.project(grad)
@@ -413,21 +432,29 @@ class LowRankAdamW(Optimizer):
         state["step"] += 1
         direction, step_size = self.inner.update(state, low_grad, group)
         if projected:
-            step = LowRankStep(param, grad, low_grad, direction, step_size, basis, state, group)
+            step = LowRankStep(weight, grad, low_grad, direction, step_size, basis, state, group)
             update = self.residual.combine(step)
         else:
             update = direction
-        param.add_(update, alpha=-step_size)
+        weight.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            param.add_(param, alpha=-group["lr"] * group["weight_decay"])
+            weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
 
     def _current_basis(
-        self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: Mapping[str, Any]
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict,
+        group: Mapping[str, Any],
+        *,
+        weight: torch.Tensor | None = None,
     ) -> Basis | None:
+        """``param`` keys the seed; ``weight`` (default ``param``) gives the basis its shape / device."""
+        weight = param if weight is None else weight
         projector = self.projector_for(group)
         if not self.refresh_due(state, group):
-            return projector.basis(state, param)
-        old = projector.basis(state, param) if projector.has_basis(state) else None
+            return projector.basis(state, weight)
+        old = projector.basis(state, weight) if projector.has_basis(state) else None
         start = self._clock(grad)
         try:
             projector.refresh(state, grad, group, seed=self.parameter_seed(param, group))
@@ -437,11 +464,11 @@ class LowRankAdamW(Optimizer):
                 return None  # nothing to project on yet: skip, retry at the next step
         else:
             if old is not None:
-                self._switch_moments(state, group, old, projector.basis(state, param))
+                self._switch_moments(state, group, old, projector.basis(state, weight))
         finally:
             self.refresh_seconds += self._clock(grad) - start
         state["refresh_at"] = state["step"] + self.refresh_gap(state, group)
-        return projector.basis(state, param)
+        return projector.basis(state, weight)
 
     def _switch_moments(self, state: dict, group: Mapping[str, Any], old: Basis, new: Basis) -> None:
         policy = group["moment_policy"]
@@ -484,9 +511,11 @@ class LowRankAdamW(Optimizer):
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Exact bytes held by the optimizer's state tensors (each storage once) and ``shared_buffers``."""
+    """Exact bytes held by the optimizer's state tensors (each storage once) and ``shared_buffers``;
+    for DTensor state (torch optimizers under FSDP2) this rank's shards."""
     tensors = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     tensors += list(getattr(optimizer, "shared_buffers", {}).values())
+    tensors = [t.to_local() if is_dtensor(t) else t for t in tensors]
     seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in tensors:

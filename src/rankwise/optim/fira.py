@@ -1,0 +1,160 @@
+"""Fira: GaLore plus the norm-scaled residual outside the subspace (``fira``, :class:`FiraAdamW`).
+
+Paper: Chen, Feng, Li, Lai, Yue, Yuan, Wang, "Fira: Can We Achieve Full-rank Training of
+LLMs Under Low-rank Constraint?", arXiv 2410.01623.
+
+GaLore (:mod:`rankwise.optim.galore`) runs Adam on ``R_t = P^T G_t`` and drops
+``G_t - P R_t``. Fira keeps that residual and gives it Adam's scaling "for free": the
+ratio by which Adam rescales each channel of the low-rank gradient is applied to the same
+channel of the residual (norm-based scaling), and a norm-growth limiter stops the
+residual's norm from jumping (the loss spikes after a subspace switch)::
+
+    N_t   = M_t / (sqrt(V_t) + eps)                               (Adam on R_t, as GaLore)
+    phi_j = ||N_t[:, j]|| / (||R_t[:, j]|| + 1e-8)                 per channel j
+    S_t   = phi * (G_t - P R_t)                                   residual, channel-wise
+    if ||S_t|| / ||S_{t-1}|| > gamma:  S_t <- S_t * gamma ||S_{t-1}|| / ||S_t||     (gamma = 1.01)
+    W    -= lr * sqrt(1 - b2^t) / (1 - b1^t) * (alpha P N_t + S_t)
+    W    -= lr * weight_decay * W
+
+A channel is a column of the ``r x n`` low-rank matrix when the basis acts on the left
+(``std`` with ``m < n``), a row of ``m x r`` when it acts on the right; with ``full`` (both
+sides, no channel survives) phi is one number, ``||N_t|| / ||R_t||``. ``||S_{t-1}||`` is the
+limited norm of the previous step (``state["residual_norm"]``, the ``+1`` of the memory
+formula ``2 n r + m r + 1``); the limiter is skipped at a parameter's first step.
+
+Group keys follow the ``fira`` package: ``rank``, ``update_proj_gap``, ``alpha`` (the scale;
+``scale`` is accepted as an alias so rankwise's common ``--scale`` works), ``proj_type``.
+:func:`divide_params` builds the two groups like fira's helper.
+
+Deviations from the reference package (fira 1.0.2):
+- The scale ``alpha`` multiplies only the low-rank update ``P N_t``, as in the paper; the
+  package also multiplies the subtracted ``P R_t`` (``G - alpha P R_t``). The two agree at
+  ``alpha = 1``, the package's default.
+- ``proj_type="full"`` uses one tensor-wise ratio (the package fails to broadcast) and the
+  channel side follows the basis side, also when ``rank`` equals a dimension.
+- As every rankwise optimizer: projector as tensors (``weights_only`` checkpoints),
+  non-finite gradients and failed SVDs never reach the weights, ``moment_policy``
+  (default ``keep``, the paper's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.optim.core import OPTIMIZERS, LowRankAdamW, LowRankStep, ResidualRule, SVDProjector
+
+NORM_GROWTH_LIMIT = 1.01  # gamma of the norm-growth limiter (paper and package)
+RATIO_EPS = 1e-8  # keeps phi finite on channels where R_t is zero
+
+
+def channel_scaling(direction: torch.Tensor, low_grad: torch.Tensor, *, left: bool, right: bool) -> torch.Tensor:
+    """``phi = ||N[channel]|| / (||R[channel]|| + 1e-8)``, shaped to broadcast over ``m x n``.
+
+    Channels are columns when only the left side is projected (``r x n``), rows when only
+    the right side is (``m x r``), the whole tensor when both are.
+    """
+    if left and right:
+        return direction.norm() / (low_grad.norm() + RATIO_EPS)
+    dim = 0 if left else 1
+    ratio = direction.norm(dim=dim) / (low_grad.norm(dim=dim) + RATIO_EPS)
+    return ratio if left else ratio.unsqueeze(1)
+
+
+class FiraResidual(ResidualRule):
+    """``alpha P N + limiter(phi * (G - P R))`` (see module docstring)."""
+
+    def combine(self, step: LowRankStep) -> torch.Tensor:
+        basis, state = step.basis, step.state
+        phi = channel_scaling(
+            step.direction, step.low_grad, left=basis.left is not None, right=basis.right is not None
+        )
+        residual = (step.grad - step.project_back(step.low_grad)) * phi
+        norm = residual.norm()
+        if "residual_norm" in state:
+            growth = norm / (state["residual_norm"] + RATIO_EPS)
+            limiter = torch.clamp(growth, min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
+            residual = residual / limiter
+            norm = norm / limiter
+        state["residual_norm"] = norm
+        return step.project_back(step.direction) * step.group["alpha"] + residual
+
+
+class FiraAdamW(LowRankAdamW):
+    """Drop-in for ``fira.FiraAdamW``: a group is projected iff it has ``rank``; scale key ``alpha``.
+
+    ``FiraAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True)``
+    """
+
+    projector = SVDProjector()
+    residual = FiraResidual()
+    method_defaults = {
+        "rank": 128,
+        "update_proj_gap": 200,
+        "alpha": 1.0,
+        "proj_type": "std",
+        "moment_policy": "keep",
+    }
+
+    @classmethod
+    def from_parameters(
+        cls, projected: Sequence[tuple[str, torch.Tensor]], others: Sequence[torch.Tensor], *, lr: float, **hparams: Any
+    ) -> "FiraAdamW":
+        """As :meth:`LowRankAdamW.from_parameters`; ``scale`` is an alias of ``alpha``."""
+        return super().from_parameters(projected, others, lr=lr, **_scale_as_alpha(hparams))
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        if "rank" in group:
+            group = _scale_as_alpha(group)
+        super().add_param_group(group)
+
+    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
+        # The base class checks the scale under its common name.
+        super().validate_projected_group({**group, "scale": group["alpha"]}, params)
+
+
+def _scale_as_alpha(keys: Mapping[str, Any]) -> dict[str, Any]:
+    keys = dict(keys)
+    if "scale" in keys:
+        if "alpha" in keys and keys["alpha"] != keys["scale"]:
+            raise RankwiseError(
+                f"FiraAdamW got both alpha={keys['alpha']!r} and scale={keys['scale']!r}; "
+                "they are the same setting (fira calls it alpha): pass one"
+            )
+        keys["alpha"] = keys.pop("scale")
+    return keys
+
+
+def divide_params(
+    model: nn.Module,
+    target_modules_list: Sequence[str],
+    rank: int = 8,
+    update_proj_gap: int = 200,
+    alpha: float = 1.0,
+    proj_type: str = "std",
+) -> list[dict]:
+    """Two param groups like ``fira.divide_params``: every other parameter, then the weights
+    of the ``nn.Linear`` modules whose name contains one of ``target_modules_list`` with the
+    projection keys."""
+    projected = [
+        module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(key in name for key in target_modules_list)
+    ]
+    if not projected:
+        linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        raise RankwiseError(
+            f"no nn.Linear module name contains any of {list(target_modules_list)!r}; "
+            f"Linear modules are e.g. {', '.join(linear[:8]) or '(none)'}"
+        )
+    chosen = {id(p) for p in projected}
+    regular = [p for p in model.parameters() if id(p) not in chosen]
+    keys = {"rank": rank, "update_proj_gap": update_proj_gap, "alpha": alpha, "proj_type": proj_type}
+    return [{"params": regular}, {"params": projected, **keys}]
+
+
+OPTIMIZERS.register("fira")(FiraAdamW.from_parameters)
