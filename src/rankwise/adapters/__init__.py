@@ -32,6 +32,7 @@ from rankwise.adapters import dylora  # noqa: F401  (registers "dylora")
 from rankwise.adapters import increlora  # noqa: F401  (registers "increlora")
 from rankwise.adapters import sora  # noqa: F401  (registers "sora")
 from rankwise.adapters import lora_pro  # noqa: F401  (registers "lora_pro")
+from rankwise.adapters import lora_ggpo  # noqa: F401  (registers "lora_ggpo")
 from rankwise.adapters.api import init_report
 from rankwise.adapters.api import adapt, adapter_layers, merge, methods, trainable_parameters, unload, unmerge
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
