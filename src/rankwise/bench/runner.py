@@ -51,6 +51,11 @@ class Workload:
         return TokenBatches(self.train_tokens, batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
 
 
+def bench_device() -> torch.device:
+    """Where set-ups train: the first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _adapter_data(setup: SetUp, batches: TokenBatches, count: int = 4) -> list[dict] | None:
     from rankwise.adapters import ADAPTERS
 
@@ -120,7 +125,7 @@ def run_setup(
         return {"setup": setup.name, "kind": setup.kind, "method": setup.method, "note": f"skipped: {skipped}",
                 "history": [], "setup_spec": asdict(setup)}, None
     torch.manual_seed(config.seed)
-    model = workload.make_model()
+    model = workload.make_model().to(bench_device())
     batches = workload.batches(config)
     started = time.perf_counter()
     optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches), config.steps)

@@ -1,8 +1,9 @@
 """The benchmark suites: tables of set-ups trained side by side on the same data and seed.
 
 A set-up names one way to train (a pillar and a registered method with its options). Adding
-a method to the benchmark is one row here. ``default=False`` rows run only with
-``--preset full`` or when asked for by name (``--setups``), so the default run stays short.
+a method to the benchmark is one row here. A plain ``rankwise bench`` runs the
+``default=True`` rows of the pretrain and finetune suites; naming a suite (``--suite``) or
+``--preset full`` runs all its rows, ``--setups`` exactly the rows named.
 
 Suites:
 - ``pretrain``: from a fresh random model on the embedded pretraining split (stdlib code).
@@ -10,7 +11,7 @@ Suites:
 - ``optim``: the low-rank gradient optimizers against AdamW on the pretraining workload, each
   next to its reference package (kind ``reference``: galore-torch, fira, apollo-torch, built
   by :mod:`rankwise.bench.references` for the same set-up; skipped with a note when not
-  installed). Rows of optimizers not registered in this build are left out with a note.
+  installed).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ SUITES: dict[str, list[SetUp]] = {
         SetUp("lora+ (ratio 16)", "adapter", "lora", lr=1e-3, rank=8, default=False,
               optimizer_options={"loraplus_lr_ratio": 16}),
         SetUp("lora_pro", "adapter", "lora_pro", lr=3e-3, rank=8, default=False),
+        SetUp("lora_ggpo", "adapter", "lora_ggpo", lr=3e-3, rank=8, default=False),
         SetUp("pissa", "adapter", "pissa", lr=3e-3, rank=8),
         SetUp("pissa (niter 4)", "adapter", "pissa", lr=3e-3, rank=8, options={"niter": 4}, default=False),
         SetUp("olora", "adapter", "olora", lr=3e-3, rank=8, default=False),
@@ -138,14 +140,4 @@ def select_setups(suite: str, names: list[str] | None, include_all: bool) -> lis
         if missing:
             raise RankwiseError(f"suite {suite!r} has no set-up {missing}; it has: {', '.join(known)}")
         return [known[n] for n in names]
-    chosen = [s for s in table if include_all or s.default]
-    missing = [s.name for s in chosen if s.kind == "optim" and s.method not in _registered_optimizers()]
-    if missing:
-        print(f"note: suite {suite!r} leaves out {', '.join(missing)}: not registered in this build")
-    return [s for s in chosen if s.name not in missing]
-
-
-def _registered_optimizers() -> list[str]:
-    from rankwise.optim import names
-
-    return names()
+    return [s for s in table if include_all or s.default]

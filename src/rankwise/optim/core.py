@@ -22,7 +22,10 @@ Guarantees the base class gives every method
   :meth:`Projector.refresh` (a deterministic per-parameter int, see
   :meth:`LowRankAdamW.parameter_seed`) combined with ``state["step"]`` -- store the result
   as ``state["proj_seed"]`` and regenerate in ``basis`` -- never from global RNG state.
-- A non-finite gradient skips that parameter's step (state untouched); an SVD that fails
+- A non-finite gradient skips that parameter's step (state untouched). The test is
+  ``isfinite(G.sum())`` (fp16 summed in fp32), one reduction instead of an element-wise
+  mask: a NaN or inf anywhere makes the sum non-finite; a finite gradient whose sum
+  overflows (``|sum| > 3.4e38``) is skipped too, a step worth skipping anyway. An SVD that fails
   keeps the previous subspace (or skips the step when there is none yet). Each kind of
   trouble is reported once per optimizer with ``warnings.warn``.
 - ``refresh_seconds``: cumulative wall time spent in subspace refreshes (CUDA-synchronised).
@@ -89,6 +92,7 @@ from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import PROJ_TYPES, Basis, change_coordinates, projection_sides, singular_basis
 from rankwise.linalg.svd import SVDFailure
 from rankwise.optim.distributed import NONFINITE_MESSAGE, is_dtensor, step_sharded
+from rankwise.optim.numerics import gradient_is_finite
 from rankwise.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer")
@@ -415,7 +419,7 @@ class LowRankAdamW(Optimizer):
             raise RankwiseError(
                 f"{type(self).__name__} does not support sparse gradients ({self.param_name(param)})"
             )
-        if not torch.isfinite(grad).all():
+        if not gradient_is_finite(grad):
             self.warn_once("nonfinite", NONFINITE_MESSAGE)
             return
         state = self.state[param]

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from rankwise.optim.numerics import gradient_is_finite
+
 NONFINITE_MESSAGE = "non-finite gradient: skipped the step of the affected parameter(s)"
 
 try:  # DTensor exists on every torch this package supports; the guard keeps minimal builds importable
@@ -62,7 +64,7 @@ def step_sharded(optimizer: Any, param: torch.Tensor, group: Mapping[str, Any]) 
     Other groups: step the local shard (element-wise AdamW needs nothing else).
     """
     grad = param.grad
-    finite = torch.isfinite(grad.to_local()).all().to(torch.int32).reshape(1)
+    finite = torch.tensor([int(gradient_is_finite(grad.to_local()))], dtype=torch.int32, device=grad.device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=param.device_mesh.get_group())
     if not bool(finite.item()):
         optimizer.warn_once("nonfinite", NONFINITE_MESSAGE)

@@ -45,6 +45,7 @@ import torch
 
 from rankwise.optim.core import OPTIMIZERS, DropResidual, LowRankAdamW, SVDProjector
 from rankwise.optim.distributed import is_dtensor
+from rankwise.optim.numerics import gradient_is_finite
 
 NORM_GUARD = 1e-12  # keeps u = W / g finite on an all-zero row (whose direction is then zero)
 
@@ -91,7 +92,7 @@ class GradNormLoRPAdamW(LowRankAdamW):
             return
         weight = param if weight is None else weight
         grad = param.grad if grad is None else grad
-        if not torch.isfinite(grad).all():
+        if not gradient_is_finite(grad):
             super().step_parameter(param, group, weight=weight, grad=grad)  # warns and skips
             return
         state = self.state[param]

@@ -66,6 +66,7 @@ from rankwise.optim.core import (
     SVDProjector,
 )
 from rankwise.optim.distributed import is_dtensor
+from rankwise.optim.numerics import gradient_is_finite
 
 PROJ_METHODS = ("power_iteration", "svd")
 
@@ -218,7 +219,7 @@ class LDAdamW(LowRankAdamW):
         error = self.state[param].get("error") if "rank" in group else None
         if error is not None:
             grad = grad + error
-            if torch.isfinite(grad).all():
+            if gradient_is_finite(grad):
                 error.zero_()
         super().step_parameter(param, group, weight=weight, grad=grad)
 

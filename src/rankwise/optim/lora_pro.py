@@ -76,6 +76,7 @@ from rankwise.errors import RankwiseError
 from rankwise.linalg.sylvester import solve_psd_sylvester
 from rankwise.optim.core import OPTIMIZERS, AdamMoments, validate_adam_hparams
 from rankwise.optim.distributed import NONFINITE_MESSAGE
+from rankwise.optim.numerics import gradient_is_finite
 
 _HPARAMS = ("betas", "eps", "weight_decay", "damping")
 
@@ -222,7 +223,7 @@ class LoRAProAdamW(Optimizer):
         return loss
 
     def _finite(self, *grads: torch.Tensor) -> bool:
-        if all(torch.isfinite(g).all() for g in grads):
+        if all(gradient_is_finite(g) for g in grads):
             return True
         self.warn_once("nonfinite", NONFINITE_MESSAGE)
         return False

@@ -196,13 +196,15 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         those of the whole matrix, exactly as in single-process training, and the requantised
         values reach the shard through the caller's write-back.
         """
+        if weight is None and is_dtensor(param):
+            super().step_parameter(param, group)  # gathers the shard and calls back here
+            return
+        weight = param if weight is None else weight
         state = self.state[param]
         steps_before = state.get("step", 0)
         super().step_parameter(param, group, weight=weight, grad=grad)
-        # an FSDP2 shard was dispatched to step_sharded, which calls back here with the full weight
-        sharded = weight is None and is_dtensor(param)
-        if group.get("weight_quant") and not sharded and state.get("step", 0) > steps_before:
-            self._store_int8_weight(param, param if weight is None else weight, state, group)
+        if group.get("weight_quant") and state.get("step", 0) > steps_before:
+            self._store_int8_weight(param, weight, state, group)
 
     def _store_int8_weight(
         self, param: torch.Tensor, weight: torch.Tensor, state: dict, group: Mapping[str, Any]
@@ -216,8 +218,9 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         size = group["weight_group_size"]
         codes, low, step = minmax_quantize(weight, bits=8, group_size=size, generator=generator)
         state.update({"weight_codes": codes, "weight_min": low, "weight_step": step})
-        dequantized = minmax_dequantize(codes, low, step, bits=8, group_size=size, shape=weight.shape, dtype=weight.dtype)
-        weight.copy_(dequantized)
+        weight.copy_(
+            minmax_dequantize(codes, low, step, bits=8, group_size=size, shape=weight.shape, dtype=weight.dtype)
+        )
 
 
 def int8_weight(optimizer: QGaLoreAdamW8bit, param: torch.Tensor) -> torch.Tensor:
