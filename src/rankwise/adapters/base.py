@@ -57,8 +57,8 @@ How to add an adapter method
 
    ``needs_data()`` is derived from ``statistics``. ``self.error(msg)`` builds a
    RankwiseError naming the method and layer. Stacking adapters is refused by ``adapt``.
-3. Tests: add ONE row to ``CASES`` in ``tests/test_adapters.py``:
-   ``Case("<id>", "<method>", {options}, needs_data, identity_at_init,
+3. Tests: add ONE row to ``CASES`` in the family's ``tests/cases/adapters_<family>.py``:
+   ``AdapterCase("<id>", "<method>", {options}, needs_data, identity_at_init,
    lambda n_in, n_out, r: <trainable parameters of one layer>)``. The common suite runs
    every row on the tiny LLaMA at rank 4 over all linear layers (data-driven rows get two
    batches with labels) and checks: output equal to the base at init (or different, if
