@@ -221,3 +221,21 @@ def test_train_rejects_bad_arguments_before_touching_the_model(kwargs, message):
         train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, **kwargs)
     assert batches.batches_drawn == 0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_loop_averages_micro_batches_for_an_accumulating_layerwise_optimizer():
+    import copy
+
+    from conftest import make_batch, make_llama
+    from rankwise import optim
+    from rankwise.training import train
+
+    first, second = make_batch(seed=1), make_batch(seed=2)
+    accumulated = make_llama()
+    reference = copy.deepcopy(accumulated)
+    opt = optim.build(accumulated, "galore", lr=1e-2, rank=4, update_proj_gap=5, layerwise=True, accumulation_steps=2)
+    train(accumulated, opt, iter([first, second]), steps=2)
+    full = {k: torch.cat([first[k], second[k]]) for k in first}
+    train(reference, optim.build(reference, "galore", lr=1e-2, rank=4, update_proj_gap=5), iter([full]), steps=1)
+    for (name, a), b in zip(accumulated.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)

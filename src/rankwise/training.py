@@ -277,7 +277,8 @@ def train(
                 )
             if tracker:
                 tracker.sample()
-            total.backward()
+            # A layerwise optimizer that accumulates N micro-batches steps on their mean gradient.
+            (total / getattr(optimizer, "accumulation_steps", 1)).backward()
             if tracker:
                 tracker.clear_activations()
                 tracker.sample()
