@@ -81,6 +81,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
@@ -125,21 +126,24 @@ def _is_positive_int(value: Any) -> bool:
 # --------------------------------------------------------------------------- pieces
 
 
-class Projector:
+class Projector(ABC):
     """Chooses a parameter's subspace and materialises it as a :class:`Basis`.
 
     Stateless: everything per parameter goes into ``state`` (tensors / plain values, keys
     ``proj_*``). ``refresh`` must leave ``state`` unchanged when it raises ``SVDFailure``.
     """
 
+    @abstractmethod
     def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        raise NotImplementedError
+        """Choose a new subspace for ``grad`` and store it in ``state``."""
 
+    @abstractmethod
     def has_basis(self, state: Mapping[str, Any]) -> bool:
-        raise NotImplementedError
+        """Whether ``state`` already holds a subspace."""
 
+    @abstractmethod
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> Basis:
-        raise NotImplementedError
+        """The stored subspace as a :class:`Basis` (regenerated from a seed where one is stored)."""
 
 
 class SVDProjector(Projector):
@@ -163,20 +167,20 @@ class SVDProjector(Projector):
         return Basis(state.get("proj_left"), state.get("proj_right"))
 
 
-class InnerOptimizer:
+class InnerOptimizer(ABC):
     """Runs on the (projected) gradient; keeps its moments in ``state``."""
 
+    @abstractmethod
     def update(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any]) -> tuple[torch.Tensor, float]:
         """Update the moments with ``grad``; return ``(direction, step_size)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reset(self, state: dict) -> None:
         """Forget the moments (the ``reset`` moment policy)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rotate(self, state: dict, c_left: torch.Tensor | None, c_right: torch.Tensor | None) -> None:
         """Carry the moments into new coordinates ``low_new = C_L low_old C_R`` (``rotate`` policy)."""
-        raise NotImplementedError
 
 
 class AdamMoments(InnerOptimizer):
@@ -235,11 +239,12 @@ class LowRankStep:
         return self.basis.project_back(low)
 
 
-class ResidualRule:
+class ResidualRule(ABC):
     """Turns the low-rank direction (and the part of ``G`` outside the subspace) into the full update."""
 
+    @abstractmethod
     def combine(self, step: LowRankStep) -> torch.Tensor:
-        raise NotImplementedError
+        """The full-size update of one step."""
 
 
 class DropResidual(ResidualRule):

@@ -14,6 +14,7 @@ any, so a bad call leaves the model untouched.
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from typing import Any
 
 from torch import nn
@@ -24,7 +25,7 @@ from rankwise.registry import Registry
 from rankwise.targets import Targets, replace_module
 
 
-class Parametrisation:
+class Parametrisation(ABC):
     """Builds the replacement of one dense Linear layer; ``rank`` is the per-layer rank."""
 
     def __init__(self, rank: int) -> None:
@@ -42,8 +43,9 @@ class Parametrisation:
                 f"use rank <= {limit} or leave that layer out of targets"
             )
 
+    @abstractmethod
     def build(self, name: str, linear: nn.Linear) -> nn.Module:
-        raise NotImplementedError
+        """The module that replaces ``linear`` (called only after :meth:`check` passed)."""
 
 
 PARAMETRISATIONS: Registry[type[Parametrisation]] = Registry("pretraining parametrisation")
