@@ -41,6 +41,7 @@ from rankwise.adapters.api import (
 )
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
 from rankwise.errors import RankwiseError
+from rankwise.files import read_json_object
 
 FORMAT = "rankwise-adapter"
 VERSION = 1
@@ -88,16 +89,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise RankwiseError(f"adapter directory {path} does not exist; pass a directory written by save_adapter")
+    config = read_json_object(path, CONFIG_FILE, what="adapter directory", fix="pass a directory written by save_adapter")
     config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise RankwiseError(f"{config_path} is missing; {path} is not an adapter saved by rankwise.save_adapter")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RankwiseError(f"{config_path} is not valid JSON ({exc}); re-save the adapter") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if config.get("format") != FORMAT:
         raise RankwiseError(f"{config_path} is not a {FORMAT} config (format field missing or different)")
     if config.get("version") != VERSION:
         raise RankwiseError(

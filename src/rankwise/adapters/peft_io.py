@@ -54,6 +54,7 @@ from rankwise.adapters.api import build_layer, install_layers, refuse_adapted, r
 from rankwise.adapters.base import AdapterLayer
 from rankwise.adapters.lora import LoraLayer
 from rankwise.errors import RankwiseError
+from rankwise.files import read_json_object
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import svd
 
@@ -284,18 +285,8 @@ def export_peft(
 
 
 def _read_peft_config(path: Path) -> dict[str, Any]:
-    if not path.is_dir():
-        raise RankwiseError(f"PEFT adapter directory {path} does not exist; pass the directory save_pretrained wrote")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise RankwiseError(f"{config_path} is missing; {path} is not a PEFT adapter directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RankwiseError(f"{config_path} is not valid JSON ({exc}); re-save the adapter with PEFT") from None
-    if not isinstance(config, dict):
-        raise RankwiseError(f"{config_path} must hold a JSON object (a PEFT LoraConfig)")
-    return config
+    return read_json_object(path, CONFIG_FILE, what="PEFT adapter directory",
+                            fix="pass the directory PEFT's save_pretrained wrote")
 
 
 def _check_number(value: Any, what: str, config_path: Path, *, integer: bool) -> None:

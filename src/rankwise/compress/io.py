@@ -29,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.files import read_json_object
 from rankwise.nn import FactorizedLinear
 from rankwise.targets import replace_module
 
@@ -93,12 +94,9 @@ def save_compressed(model: nn.Module, directory: str | Path) -> Path:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((directory / LAYERS_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RankwiseError(f"{directory / LAYERS_FILE} is not valid JSON ({exc}); re-save the model") from None
-    well_formed = isinstance(manifest, dict) and isinstance(manifest.get("layers"), dict)
-    if not well_formed or manifest.get("format") != FORMAT:
+    manifest = read_json_object(directory, LAYERS_FILE, what="compressed-model directory",
+                                fix="pass a directory written by save_compressed")
+    if not isinstance(manifest.get("layers"), dict) or manifest.get("format") != FORMAT:
         raise RankwiseError(f"{directory / LAYERS_FILE} is not a {FORMAT} manifest; re-save with save_compressed")
     dtype = getattr(torch, str(manifest.get("dtype")), None)
     if not isinstance(dtype, torch.dtype):
