@@ -43,7 +43,7 @@ components, hence the full SVD. Layer by layer, on the weight's device, in fp32.
 
 The LoRA-shaped rewrite machinery (trainable ``lora_A`` / ``lora_B`` starting at the buffers
 ``A0`` / ``B0``, ``base_offset = s B0 A0``, PEFT-export factors) is PiSSA's
-:class:`~rankwise.adapters.pissa.LoraRewriteLayer`. Scaling ``s = alpha / r``.
+:class:`~rankwise.adapters.rewrite.LoraRewriteLayer`. Scaling ``s = alpha / r``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.pissa import LoraRewriteLayer, check_niter
+from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter
 from rankwise.calibration import LayerStatistics
 from rankwise.linalg.svd import svd, truncated_svd
 

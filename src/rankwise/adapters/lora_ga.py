@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
-from rankwise.adapters.pissa import LoraRewriteLayer, check_niter
+from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter
 from rankwise.calibration import LayerStatistics
 from rankwise.linalg.svd import SVDFailure, truncated_svd
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
 from rankwise.adapters.lora_ga import gradient_svd
-from rankwise.adapters.pissa import check_niter
+from rankwise.adapters.rewrite import check_niter
 from rankwise.calibration import LayerStatistics
 
 

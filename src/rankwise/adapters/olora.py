@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.pissa import LoraRewriteLayer
+from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.linalg.decompositions import signed_qr
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.pissa import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
+from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
 
 
 @ADAPTERS.register("svfit")
