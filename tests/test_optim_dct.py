@@ -137,7 +137,6 @@ def test_error_feedback_delays_but_never_loses_gradient():
     weight = torch.nn.Parameter(torch.zeros(30, 16))
     group = {"params": [weight], "rank": 2, "update_proj_gap": 1, "error_feedback": True, "dct_backend": "fft"}
     optimizer = DCTAdamW([group], lr=1e-2)
-    projector = optimizer.projector_for(optimizer.param_groups[0])
     q = dct_matrix(16)
     first = gradient_on_columns(30, 16, [2, 5, 9], [3.0, 2.0, 1.0])  # rank 2: column 9 is left out
     weight.grad = first

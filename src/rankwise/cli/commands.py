@@ -54,8 +54,8 @@ def _optim_setup(args: argparse.Namespace, name: str, default_lr: float) -> SetU
     options = optim_options(args)
     if args.optim == "adamw" and options == {"targets": "all-linear"}:
         return SetUp(name, "full", lr=args.lr or default_lr)
-    rank = args.rank if args.rank is not None else options.pop("rank", None)
-    options.pop("rank", None)
+    rank_in_optim_args = options.pop("rank", None)
+    rank = args.rank if args.rank is not None else rank_in_optim_args
     return SetUp(name, "optim", args.optim, lr=args.lr or default_lr, rank=rank, options=options)
 
 
