@@ -68,8 +68,9 @@ How to add an optimizer
    matrices come from :func:`rankwise.linalg.projections.seeded_gaussian`.
 4. Register the builder: ``OPTIMIZERS.register("<name>")(<Class>.from_parameters)`` and add
    ``from rankwise.optim import <method>  # noqa: F401`` to ``optim/__init__.py``.
-5. Add one ``OptimizerCase`` row to a ``tests/cases/optim_<family>.py`` file (run by ``tests/test_optim.py``): name, hparams (small rank,
-   ``update_proj_gap=2`` so resume crosses a refresh) and ``weight_bytes(m, n)``, the exact
+5. Add one ``OptimizerCase`` row to ``tests/cases/optim_<family>.py`` (run by
+   ``tests/test_optim.py``): name, hparams (small rank, ``update_proj_gap=2`` so resume
+   crosses a refresh) and ``weight_bytes(m, n)``, the exact
    state bytes of one targeted ``m x n`` fp32 weight (``other_bytes`` if the unprojected
    parameters' state differs from two fp32 moments); the common suite then checks loss decrease, state
    bytes, ``weights_only`` round trip, resume equality and non-finite gradients. Put
