@@ -114,3 +114,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def register_for_test(monkeypatch, registry, name: str, obj, **meta) -> None:
+    """Register a test-only method in ``registry`` for the duration of one test."""
+    from rankwise.registry import Entry
+
+    meta = {"family": "test", "paper": "test-only", **meta}
+    monkeypatch.setitem(registry._entries, name, Entry(name, obj, **meta))

@@ -43,6 +43,7 @@ from rankwise.calibration import collect_statistics
 from rankwise.errors import RankwiseError
 from rankwise.linalg.covariance import CovarianceAccumulator
 from rankwise.targets import match_targets
+from conftest import register_for_test
 
 RANK = 4
 ATOL = 1e-5
@@ -117,7 +118,7 @@ TEST_ONLY_METHODS = {"probe": ProbeLayer, "shared-probe": SharedProbeLayer}
 @pytest.fixture(autouse=True)
 def _register_test_only_methods(monkeypatch):
     for name, cls in TEST_ONLY_METHODS.items():
-        monkeypatch.setitem(ADAPTERS._entries, name, cls)
+        register_for_test(monkeypatch, ADAPTERS, name, cls)
 
 
 # ----- the table -----------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class _FailingRewrite(ProbeLayer):
 
 @pytest.mark.parametrize("failing", [_FailingInit, _FailingRewrite])
 def test_failure_mid_init_rolls_back(llama, monkeypatch, failing):
-    monkeypatch.setitem(ADAPTERS._entries, "failing", failing)
+    register_for_test(monkeypatch, ADAPTERS, "failing", failing)
     monkeypatch.setattr(failing, "calls", 0)
     before = snapshot(llama)
     with pytest.raises(RuntimeError, match="failed on the third layer"):

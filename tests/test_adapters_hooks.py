@@ -6,6 +6,7 @@ import torch
 
 from rankwise.adapters import ADAPTERS, adapt, adapter_layers, after_step, regularization_loss
 from rankwise.adapters.lora import LoraLayer
+from conftest import register_for_test
 
 
 class RegularisedLora(LoraLayer):
@@ -26,7 +27,7 @@ def test_plain_lora_has_no_loss_term_and_no_schedule(llama):
 
 
 def test_loss_terms_are_summed_and_schedules_called_once_with_all_layers(llama, monkeypatch):
-    monkeypatch.setitem(ADAPTERS._entries, "reg-lora", RegularisedLora)
+    register_for_test(monkeypatch, ADAPTERS, "reg-lora", RegularisedLora)
     RegularisedLora.calls = []
     adapt(llama, "reg-lora", rank=2, targets=["q_proj", "v_proj"])
     layers = adapter_layers(llama)

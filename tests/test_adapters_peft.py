@@ -34,6 +34,7 @@ from rankwise.adapters import (
 )
 from rankwise.adapters.lora import LoraLayer
 from rankwise.errors import RankwiseError
+from conftest import register_for_test
 
 peft = pytest.importorskip("peft")
 
@@ -109,7 +110,7 @@ TEST_ONLY_METHODS = {
 @pytest.fixture(autouse=True)
 def _register_test_only_methods(monkeypatch):
     for name, cls in TEST_ONLY_METHODS.items():
-        monkeypatch.setitem(ADAPTERS._entries, name, cls)
+        register_for_test(monkeypatch, ADAPTERS, name, cls)
 
 
 # ----- helpers ---------------------------------------------------------------------------------

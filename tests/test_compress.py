@@ -22,6 +22,7 @@ from rankwise.compress.svd import SVDCompressor
 from rankwise.errors import RankwiseError
 from rankwise.linalg import svd
 from rankwise.nn import FactorizedLinear
+from conftest import register_for_test
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ class _CalibrationProbe(SVDCompressor):
 
 
 def test_data_driven_methods_receive_calibration_statistics(monkeypatch, llama, batch):
-    monkeypatch.setitem(COMPRESSORS._entries, "probe", _CalibrationProbe)
+    register_for_test(monkeypatch, COMPRESSORS, "probe", _CalibrationProbe)
     target = "model.layers.0.self_attn.q_proj"
     with pytest.raises(RankwiseError, match="data-driven"):
         compress(llama, "probe", ratio=0.5, targets=[target])

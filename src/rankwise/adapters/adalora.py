@@ -159,7 +159,12 @@ def budget_schedule(step: int, total_steps: int, initial: int, target: int, tini
     return int(target + (initial - target) * (1.0 - progress) ** 3)
 
 
-@ADAPTERS.register("adalora")
+@ADAPTERS.register(
+    "adalora",
+    family="dynamic_rank",
+    paper="AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
+    arxiv="2303.10512",
+)
 class AdaLoraLayer(SvdTripletLayer):
     """SVD-form update whose triplets are pruned to a global budget by smoothed importance."""
 

@@ -85,7 +85,13 @@ def context_decomposition(
     return u, s, projected
 
 
-@ADAPTERS.register("corda")
+@ADAPTERS.register(
+    "corda",
+    family="data_init",
+    paper="CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for Task-Aware Parameter-Efficient Fine-tuning",
+    arxiv="2406.05223",
+    needs_data=True,
+)
 class CordaLayer(LoraRewriteLayer):
     """CorDA: adapter = r components of ``W = U S (V^T C^{-1})``, top r (``ipm``) or bottom r (``kpm``)."""
 

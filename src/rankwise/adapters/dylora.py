@@ -44,7 +44,12 @@ def sample_rank(seed: int, step: int, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 
-@ADAPTERS.register("dylora")
+@ADAPTERS.register(
+    "dylora",
+    family="dynamic_rank",
+    paper="DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation",
+    arxiv="2210.07558",
+)
 class DyLoraLayer(AdapterLayer):
     """LoRA block whose leading ``b x b`` sub-blocks are trained together (nested ranks)."""
 

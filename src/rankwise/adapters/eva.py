@@ -154,7 +154,13 @@ def _check_options(options: dict[str, Any]) -> None:
         raise RankwiseError(f"eva: label_mask_value must be an integer, got {options['label_mask_value']!r}")
 
 
-@ADAPTERS.register("eva")
+@ADAPTERS.register(
+    "eva",
+    family="data_init",
+    paper="One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation",
+    arxiv="2410.07170",
+    needs_data=True,
+)
 class EvaLayer(LoraLayer):
     """LoRA with ``A`` = top right singular vectors of the layer's input activations, ``B = 0``."""
 

@@ -66,7 +66,12 @@ from rankwise.errors import RankwiseError
 RESERVE_VALUE = 1e-5
 
 
-@ADAPTERS.register("increlora")
+@ADAPTERS.register(
+    "increlora",
+    family="dynamic_rank",
+    paper="IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
+    arxiv="2308.12043",
+)
 class IncreLoraLayer(SvdTripletLayer):
     """SVD-form update whose rank grows, by importance, up to the capacity ``rank``."""
 

@@ -43,7 +43,12 @@ from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype
 from rankwise.linalg.decompositions import ldu
 
 
-@ADAPTERS.register("loldu")
+@ADAPTERS.register(
+    "loldu",
+    family="svd_init",
+    paper="LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning",
+    arxiv="2410.13618",
+)
 class LolduLayer(FactoredRewriteLayer):
     """``W_res x + sigma P L_r diag(z) U_r x``; trainable ``z`` (r) and, by default, ``sigma``."""
 

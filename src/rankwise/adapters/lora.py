@@ -31,7 +31,12 @@ from torch import nn
 from rankwise.adapters.base import ADAPTERS, AdapterLayer
 
 
-@ADAPTERS.register("lora")
+@ADAPTERS.register(
+    "lora",
+    family="lora",
+    paper="LoRA: Low-Rank Adaptation of Large Language Models",
+    arxiv="2106.09685",
+)
 class LoraLayer(AdapterLayer):
     """``base(x) + s * B A dropout(x)`` with ``s = alpha/r`` (or ``alpha/sqrt(r)`` with rsLoRA)."""
 

@@ -56,7 +56,13 @@ def gradient_svd(
         raise layer.error(f"cannot decompose the weight gradient ({exc}); check the data for inf/nan losses") from None
 
 
-@ADAPTERS.register("lora_ga")
+@ADAPTERS.register(
+    "lora_ga",
+    family="data_init",
+    paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
+    arxiv="2407.05000",
+    needs_data=True,
+)
 class LoraGaLayer(LoraRewriteLayer):
     """LoRA-GA: ``B0 = c U_{1:r}``, ``A0 = c V_{r+1:2r}^T`` of the full gradient; base ``W - s B0 A0``."""
 

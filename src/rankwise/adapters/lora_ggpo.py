@@ -60,7 +60,12 @@ from rankwise.adapters.lora import LoraLayer
 from rankwise.errors import RankwiseError
 
 
-@ADAPTERS.register("lora_ggpo")
+@ADAPTERS.register(
+    "lora_ggpo",
+    family="training_time",
+    paper="LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via Gradient-Guided Perturbation Optimization",
+    arxiv="2502.14538",
+)
 class LoraGgpoLayer(LoraLayer):
     """LoRA whose training forward adds ``x eps^T``, ``eps`` row-wise Gaussian with variance
     ``sigma^2/n (||W'_i||^2 + beta ||grad W'_i||^2)``; identical to LoRA in eval mode."""

@@ -22,7 +22,12 @@ from rankwise.adapters.base import ADAPTERS
 from rankwise.adapters.lora import LoraLayer
 
 
-@ADAPTERS.register("lora_pro")
+@ADAPTERS.register(
+    "lora_pro",
+    family="training_time",
+    paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
+    arxiv="2407.18242",
+)
 class LoraProLayer(LoraLayer):
     """LoRA (same tensors, init and forward) whose intended optimizer is ``lora_pro``."""
 

@@ -40,7 +40,13 @@ from rankwise.adapters.rewrite import check_niter
 from rankwise.calibration import LayerStatistics
 
 
-@ADAPTERS.register("lora_sb")
+@ADAPTERS.register(
+    "lora_sb",
+    family="data_init",
+    paper="Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning",
+    arxiv="2411.19557",
+    needs_data=True,
+)
 class LoraSbLayer(AdapterLayer):
     """``base(x) + s B R A x`` with frozen ``B, A`` from the SVD of the approximated first update."""
 

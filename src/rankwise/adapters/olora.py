@@ -35,7 +35,12 @@ from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.linalg.decompositions import signed_qr
 
 
-@ADAPTERS.register("olora")
+@ADAPTERS.register(
+    "olora",
+    family="svd_init",
+    paper="OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
+    arxiv="2406.01775",
+)
 class OloraLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B, A`` the first r columns / rows of ``Q, R`` of ``W = QR``."""
 

@@ -41,7 +41,12 @@ from rankwise.adapters.base import ADAPTERS
 from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter, principal_triplets
 
 
-@ADAPTERS.register("pissa")
+@ADAPTERS.register(
+    "pissa",
+    family="svd_init",
+    paper="PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
+    arxiv="2404.02948",
+)
 class PissaLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B A`` initialised to the principal rank-r part of ``W``."""
 

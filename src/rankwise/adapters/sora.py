@@ -57,7 +57,12 @@ def _gate_learning_rates(optimizer: Any, layers: dict[str, SoraLayer]) -> dict[s
     return {name: rate_of[id(layer.gate)] for name, layer in layers.items()}
 
 
-@ADAPTERS.register("sora")
+@ADAPTERS.register(
+    "sora",
+    family="dynamic_rank",
+    paper="Sparse Low-rank Adaptation of Pre-trained Language Models",
+    arxiv="2311.11696",
+)
 class SoraLayer(AdapterLayer):
     """``base(x) + s * B (g * (A x))`` with the gate ``g`` sparsified by soft-thresholding."""
 

@@ -42,7 +42,12 @@ from rankwise.adapters.base import ADAPTERS
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
 
 
-@ADAPTERS.register("sorsa")
+@ADAPTERS.register(
+    "sorsa",
+    family="svd_init",
+    paper="SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of Large Language Models",
+    arxiv="2409.00055",
+)
 class SorsaLayer(FactoredRewriteLayer):
     """``W_res x + s U_p diag(S_p) V_p^T x`` with all three principal factors trainable."""
 

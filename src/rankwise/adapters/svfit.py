@@ -37,7 +37,12 @@ from rankwise.adapters.base import ADAPTERS
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
 
 
-@ADAPTERS.register("svfit")
+@ADAPTERS.register(
+    "svfit",
+    family="svd_init",
+    paper="SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
+    arxiv="2409.05926",
+)
 class SvfitLayer(FactoredRewriteLayer):
     """``W_e x + s U_r diag(sigma) V_r^T x`` with only the r singular values ``sigma`` trainable."""
 

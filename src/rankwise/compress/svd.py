@@ -29,7 +29,12 @@ from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import truncated_svd
 
 
-@COMPRESSORS.register("svd")
+@COMPRESSORS.register(
+    "svd",
+    family="svd",
+    paper="LORD: Low Rank Decomposition Of Monolingual Code LLMs For One-Shot Compression",
+    arxiv="2309.14021",
+)
 class SVDCompressor(Compressor):
     """``up = U_k sqrt(S_k)``, ``down = sqrt(S_k) V_k^T`` of the weight itself."""
 

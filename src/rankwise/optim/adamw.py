@@ -15,7 +15,12 @@ from rankwise.optim.core import OPTIMIZERS, validate_adam_hparams
 _ACCEPTED = ("betas", "eps", "weight_decay")
 
 
-@OPTIMIZERS.register("adamw")
+@OPTIMIZERS.register(
+    "adamw",
+    family="baseline",
+    paper="Decoupled Weight Decay Regularization",
+    arxiv="1711.05101",
+)
 def build_adamw(
     projected: Sequence[tuple[str, torch.Tensor]], others: Sequence[torch.Tensor], *, lr: float, **hparams: Any
 ) -> torch.optim.AdamW:

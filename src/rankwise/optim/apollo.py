@@ -247,5 +247,15 @@ class APOLLOMiniAdamW(APOLLOAdamW):
     method_defaults = {**APOLLOAdamW.method_defaults, "rank": 1, "scale_type": "tensor", "scale": 128.0}
 
 
-OPTIMIZERS.register("apollo")(APOLLOAdamW.from_parameters)
-OPTIMIZERS.register("apollo_mini")(APOLLOMiniAdamW.from_parameters)
+OPTIMIZERS.register(
+    "apollo",
+    family="random_projection",
+    paper="APOLLO: SGD-like Memory, AdamW-level Performance",
+    arxiv="2412.05270",
+)(APOLLOAdamW.from_parameters)
+OPTIMIZERS.register(
+    "apollo_mini",
+    family="random_projection",
+    paper="APOLLO: SGD-like Memory, AdamW-level Performance",
+    arxiv="2412.05270",
+)(APOLLOMiniAdamW.from_parameters)

@@ -194,4 +194,9 @@ class DCTAdamW(LowRankAdamW):
             raise RankwiseError(f"error_feedback must be True or False, got {group['error_feedback']!r}")
 
 
-OPTIMIZERS.register("dct")(DCTAdamW.from_parameters)
+OPTIMIZERS.register(
+    "dct",
+    family="dct",
+    paper="SVD-Free Low-Rank Adaptive Gradient Optimization for Large Language Models",
+    arxiv="2505.17967",
+)(DCTAdamW.from_parameters)

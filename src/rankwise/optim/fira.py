@@ -157,4 +157,9 @@ def divide_params(
     return [{"params": regular}, {"params": projected, **keys}]
 
 
-OPTIMIZERS.register("fira")(FiraAdamW.from_parameters)
+OPTIMIZERS.register(
+    "fira",
+    family="galore",
+    paper="Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?",
+    arxiv="2410.01623",
+)(FiraAdamW.from_parameters)

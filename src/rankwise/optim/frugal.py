@@ -332,4 +332,9 @@ def _is_number(value: Any) -> bool:
 FRUGAL = FrugalAdamW
 """The paper's name for :class:`FrugalAdamW`."""
 
-OPTIMIZERS.register("frugal")(FrugalAdamW.from_parameters)
+OPTIMIZERS.register(
+    "frugal",
+    family="split",
+    paper="FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
+    arxiv="2411.07837",
+)(FrugalAdamW.from_parameters)

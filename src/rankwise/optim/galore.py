@@ -54,4 +54,9 @@ class GaLoreAdamW(LowRankAdamW):
     }
 
 
-OPTIMIZERS.register("galore")(GaLoreAdamW.from_parameters)
+OPTIMIZERS.register(
+    "galore",
+    family="galore",
+    paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    arxiv="2403.03507",
+)(GaLoreAdamW.from_parameters)

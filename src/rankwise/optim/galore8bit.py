@@ -178,4 +178,9 @@ class GaLoreAdamW8bit(LowRankAdamW):
         super().add_param_group(group)
 
 
-OPTIMIZERS.register("galore8bit")(GaLoreAdamW8bit.from_parameters)
+OPTIMIZERS.register(
+    "galore8bit",
+    family="galore",
+    paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    arxiv="2403.03507",
+)(GaLoreAdamW8bit.from_parameters)

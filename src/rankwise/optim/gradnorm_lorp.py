@@ -126,4 +126,9 @@ class GradNormLoRPAdamW(LowRankAdamW):
         state["direction_norm"] = direction_norm
 
 
-OPTIMIZERS.register("gradnorm_lorp")(GradNormLoRPAdamW.from_parameters)
+OPTIMIZERS.register(
+    "gradnorm_lorp",
+    family="galore",
+    paper="Gradient Weight-normalized Low-rank Projection for Efficient LLM Training",
+    arxiv="2412.19616",
+)(GradNormLoRPAdamW.from_parameters)

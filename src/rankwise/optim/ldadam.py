@@ -239,4 +239,9 @@ class LDAdamW(LowRankAdamW):
             state["error"] = state["error"].add_(lost) if "error" in state else lost
 
 
-OPTIMIZERS.register("ldadam")(LDAdamW.from_parameters)
+OPTIMIZERS.register(
+    "ldadam",
+    family="power_iteration",
+    paper="LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics",
+    arxiv="2410.16103",
+)(LDAdamW.from_parameters)

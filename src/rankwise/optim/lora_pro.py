@@ -265,7 +265,12 @@ class LoRAProAdamW(Optimizer):
         lora_b.add_(step_b.to(lora_b.dtype), alpha=-step_size)
 
 
-@OPTIMIZERS.register("lora_pro")
+@OPTIMIZERS.register(
+    "lora_pro",
+    family="adapter_optimizer",
+    paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
+    arxiv="2407.18242",
+)
 def build_lora_pro(model: nn.Module, *, lr: float, targets: Any = "all-linear", **hparams: Any) -> LoRAProAdamW:
     """:class:`LoRAProAdamW` over an adapted ``model`` (called by ``rankwise.optim.build``)."""
     if targets != "all-linear":

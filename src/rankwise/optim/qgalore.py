@@ -240,4 +240,9 @@ def int8_weight(optimizer: QGaLoreAdamW8bit, param: torch.Tensor) -> torch.Tenso
     )
 
 
-OPTIMIZERS.register("qgalore")(QGaLoreAdamW8bit.from_parameters)
+OPTIMIZERS.register(
+    "qgalore",
+    family="galore",
+    paper="Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients",
+    arxiv="2407.08296",
+)(QGaLoreAdamW8bit.from_parameters)

@@ -36,7 +36,12 @@ from rankwise.nn import FactorizedLinear
 from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
 
 
-@PARAMETRISATIONS.register("lowrank")
+@PARAMETRISATIONS.register(
+    "lowrank",
+    family="lowrank",
+    paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection (the Low-Rank baseline)",
+    arxiv="2403.03507",
+)
 class LowRank(Parametrisation):
     """``W = B A``, balanced Gaussian factors whose product matches the dense init's variance."""
 
