@@ -71,6 +71,7 @@ How to add an adapter method
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -80,6 +81,21 @@ from rankwise.errors import RankwiseError
 from rankwise.registry import Registry
 
 ADAPTERS: Registry = Registry("adapter method")
+
+
+@dataclass(frozen=True)
+class LoraParameters:
+    """The trainable factors of a LoRA-shaped layer: its update is ``scaling * B @ A``.
+
+    ``A`` (r x in) and ``B`` (out x r) are the layer's own ``nn.Parameter`` objects (not
+    copies), so optimizers can group or step them: LoRA+ gives ``B`` its own learning rate,
+    LoRA-Pro adjusts the pair's gradients, and ``export_peft`` writes them as PEFT's
+    ``lora_A`` / ``lora_B``.
+    """
+
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
 
 
 class AdapterLayer(nn.Module):
@@ -204,6 +220,11 @@ class AdapterLayer(nn.Module):
     def base_offset(self) -> torch.Tensor:
         """What a ``rewrites_base`` method moved out of the original weight (``out x in``)."""
         raise NotImplementedError(f"{type(self).__name__} sets rewrites_base but does not define base_offset()")
+
+    def lora_parameters(self) -> LoraParameters | None:
+        """The trainable ``A``, ``B`` and ``scaling`` when the update is exactly ``scaling * B @ A``
+        with both factors trained as plain LoRA factors; None for every other update form."""
+        return None
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(B, A)`` in fp32 with ``B @ A == delta_weight()`` (scaling folded in) when the update is

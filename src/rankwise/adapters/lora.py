@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS, AdapterLayer, LoraParameters
 
 
 @ADAPTERS.register(
@@ -60,6 +60,9 @@ class LoraLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
+
+    def lora_parameters(self) -> LoraParameters:
+        return LoraParameters(self.lora_A, self.lora_B, self.scaling)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s * B, A)`` in fp32: the update is exactly rank-r factored."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import AdapterLayer
+from rankwise.adapters.base import AdapterLayer, LoraParameters
 from rankwise.linalg import SVDFailure, truncated_svd
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -109,6 +109,9 @@ class LoraRewriteLayer(FactoredRewriteLayer):
             self.B0.copy_(b0)
             self.lora_A.copy_(self.A0)
             self.lora_B.copy_(self.B0)
+
+    def lora_parameters(self) -> LoraParameters:
+        return LoraParameters(self.lora_A, self.lora_B, self.scaling)
 
     def update_factors(self, dtype: torch.dtype | None = None) -> Factors:
         return self.scaling * as_dtype(self.lora_B, dtype), as_dtype(self.lora_A, dtype)
