@@ -122,3 +122,22 @@ def register_for_test(monkeypatch, registry, name: str, obj, **meta) -> None:
 
     meta = {"family": "test", "paper": "test-only", **meta}
     monkeypatch.setitem(registry._entries, name, Entry(name, obj, **meta))
+
+
+def make_gpt2(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2):
+    """A freshly initialised GPT-2 from a config: transformers' Conv1D layers (weights in x out),
+    a fused q/k/v ``c_attn``, and the output head tied to the input embedding, as the real one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def gpt2():
+    """A freshly initialised 2-layer GPT-2 (vocab 128, width 32, Conv1D layers), in eval mode."""
+    return make_gpt2()
