@@ -296,16 +296,16 @@ def test_save_load_roundtrip_on_a_fresh_base(case, batch, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rank": 0}, "rank must be a positive integer"),
-        ({"rank": -3}, "rank must be a positive integer"),
-        ({"rank": 2.5}, "rank must be a positive integer"),
-        ({"rank": True}, "rank must be a positive integer"),
+        ({"rank": 0}, "lora: option rank must be an integer >= 1, got 0"),
+        ({"rank": -3}, "option rank must be an integer >= 1"),
+        ({"rank": 2.5}, "option rank must be an integer >= 1"),
+        ({"rank": True}, "option rank must be an integer >= 1"),
         ({"rank": 33}, "choose an integer in [1, 32]"),
-        ({"alpha": 0}, "alpha must be a positive number"),
+        ({"alpha": 0}, "option alpha must be None or a number > 0"),
         ({"targets": ["no_such_layer"]}, "q_proj"),
         ({"targets": "("}, "not a valid regular expression"),
         ({"rslora": "yes"}, "rslora must be True or False"),
-        ({"dropout": 1.0}, "dropout must be a number in [0, 1)"),
+        ({"dropout": 1.0}, "option dropout must be a number in [0, 1)"),
         ({"data": [make_batch()]}, "does not use data"),
     ],
 )

@@ -366,7 +366,8 @@ def test_lora_sb_factors_on_a_constructed_gradient(update):
 def test_lora_sb_gradient_of_r_is_the_projected_full_gradient():
     batch = make_batch(seed=22)
     gradients = full_gradients(batch)
-    model = adapt(make_llama(), "lora_sb", rank=RANK, alpha=2 * RANK, data=[batch])
+    # at the base point (output-preserving start), so the full gradient is the fresh model's
+    model = adapt(make_llama(), "lora_sb", rank=RANK, alpha=2 * RANK, data=[batch], start_from_update=False)
     model(**batch).loss.backward()
     for name, layer in adapter_layers(model).items():
         expected = layer.scaling * layer.lora_B.T @ gradients[name] @ layer.lora_A.T
@@ -468,14 +469,14 @@ BAD = [
     ("lora_ga", {"data": [{"input_ids": make_batch()["input_ids"]}]}, "gave no loss"),
     ("lora_sb", {"data": [{"input_ids": make_batch()["input_ids"]}]}, "gave no loss"),
     ("lora_ga", {"rank": 17}, "choose an integer in [1, 16]"),
-    ("lora_ga", {"direction": "BA"}, "direction must be"),
-    ("corda", {"mode": "both"}, "mode must be 'ipm'"),
-    ("corda", {"damping": 0}, "damping must be a positive number"),
+    ("lora_ga", {"direction": "BA"}, "option direction must be one of 'ArB2r', 'A2rBr'"),
+    ("corda", {"mode": "both"}, "corda: option mode must be one of 'ipm', 'kpm', got 'both'"),
+    ("corda", {"damping": 0}, "option damping must be a number > 0"),
     ("corda", {"mode": "kpm", "niter": 2}, "needs mode='ipm'"),
-    ("eva", {"rho": 0.5}, "rho must be a number >= 1"),
-    ("eva", {"tau": 2}, "tau must be a number in [0, 1]"),
+    ("eva", {"rho": 0.5}, "option rho must be a number >= 1"),
+    ("eva", {"tau": 2}, "option tau must be a number in [0, 1]"),
     ("eva", {"data": [make_batch(seq=1)]}, "no data batch had enough tokens"),
-    ("lora_sb", {"update": "lion"}, "update must be 'adam'"),
+    ("lora_sb", {"update": "lion"}, "option update must be one of 'adam', 'sgd'"),
     ("lora_sb", {"niter": -1}, "niter must be None"),
 ]
 

@@ -100,8 +100,8 @@ def test_after_step_without_a_backward_pass_says_what_to_do():
         LoraGgpoLayer.after_step({"layer": layer}, step=1, total_steps=1)
 
 
-@pytest.mark.parametrize("options, message", [({"sigma": -0.1}, "sigma must be a non-negative number"),
-                                              ({"beta": "big"}, "beta must be a non-negative number")])
+@pytest.mark.parametrize("options, message", [({"sigma": -0.1}, "option sigma must be a number >= 0"),
+                                              ({"beta": "big"}, "option beta must be a number >= 0")])
 def test_bad_options_raise_and_leave_the_model(llama, options, message):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     with pytest.raises(RankwiseError, match=message):

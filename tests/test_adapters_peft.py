@@ -490,7 +490,8 @@ BREAKAGES = {
     "wrong-peft-type": (lambda d: _edit_config(d, peft_type="IA3"), "LoRA adapters only"),
     "missing-module": (_rename_module, "no such module"),
     "shape-mismatch": (lambda d: _edit_config(d, r=8), r"shape \(4, \d+\), expected \(8, \d+\)"),
-    "bad-rank-pattern": (lambda d: _edit_config(d, rank_pattern={"q_proj": "big"}), "positive integer"),
+    "bad-rank-pattern": (lambda d: _edit_config(d, rank_pattern={"q_proj": "big"}),
+                         r"rank_pattern\['q_proj'\] must be an integer >= 1"),
     "pickle-weights": (_to_bin, "pickle"),
     "dora": (lambda d: _edit_config(d, use_dora=True), "use_dora"),
     "bias": (lambda d: _edit_config(d, bias="all"), "bias='all'"),
@@ -526,7 +527,7 @@ def test_import_onto_an_adapted_model_is_refused(tmp_path, batch):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"rank": 0}, "positive integer"), ({"rank": True}, "positive integer")],
+    [({"rank": 0}, "option rank must be None or an integer >= 1"), ({"rank": True}, "must be None or an integer >= 1")],
 )
 def test_export_rejects_bad_arguments(kwargs, message, tmp_path):
     model = adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"])
