@@ -1,8 +1,11 @@
 """Common, table-driven tests for every adapter method, plus the framework's error paths.
 
-Each method contributes ONE row, in tests/cases/adapters_<family>.py; every test below runs on every row. A row says
-whether the method needs data, whether its output equals the base model's at init, and how
-many trainable parameters one adapted ``n_out x n_in`` layer has at rank ``r``.
+Each method contributes ONE row, in tests/cases/adapters_<family>.py; every test below runs on every row, and a
+registered method without a row fails the suite. A row says whether the method needs data,
+whether its output equals the base model's at init, and how many trainable parameters one
+adapted ``n_out x n_in`` layer has at rank ``r``. Every row runs with ``alpha = 2 * rank``, so
+a scaling that is dropped or applied twice on any path (unmerged forward, merge, save/load)
+changes an output.
 
 Two test-only methods, registered for this module only, exercise framework paths that no
 shipped method may use yet: ``probe`` (data-driven: input covariance + full-weight gradient,
@@ -46,6 +49,7 @@ from rankwise.targets import match_targets
 from conftest import register_for_test
 
 RANK = 4
+ALPHA = 2 * RANK  # alpha != rank: LoRA's scaling is 2, not 1, so every scaling path matters
 ATOL = 1e-5
 
 
@@ -141,7 +145,7 @@ def data_batches() -> list[dict]:
 def adapted(case: Case, model: nn.Module | None = None) -> nn.Module:
     model = make_llama() if model is None else model
     data = data_batches() if case.needs_data else None
-    return adapt(model, case.method, rank=RANK, data=data, **case.options)
+    return adapt(model, case.method, rank=RANK, alpha=ALPHA, data=data, **case.options)
 
 
 def train(model: nn.Module, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
@@ -196,6 +200,17 @@ def adapter_param_ids(model: nn.Module) -> set[int]:
 def test_methods_lists_registered_names():
     assert "lora" in methods()
     assert methods() == sorted(methods())
+
+
+def test_every_registered_method_has_a_row_that_agrees_with_its_registration():
+    shipped = {entry.name: entry for entry in ADAPTERS.entries() if entry.family != "test"}
+    missing = sorted(set(shipped) - {case.method for case in CASES})
+    assert not missing, f"registered adapter(s) without a row in tests/cases/adapters_*.py: {missing}"
+    for case in CASES:
+        if case.method in shipped:
+            entry = shipped[case.method]
+            assert case.needs_data == entry.needs_data == entry.obj.needs_data(), case.id
+            assert entry.supports == {"linear"}, case.id
 
 
 @cases
