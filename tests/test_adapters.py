@@ -36,15 +36,19 @@ from rankwise.adapters import (
     collect_weight_gradients,
     load_adapter,
     merge,
+    method_options,
     methods,
     save_adapter,
     trainable_parameters,
     unload,
     unmerge,
 )
+from rankwise.adapters.base import AdapterRegistry
 from rankwise.calibration import collect_statistics
+from rankwise.common_options import NITER
 from rankwise.errors import RankwiseError
 from rankwise.linalg.covariance import CovarianceAccumulator
+from rankwise.options import describe
 from rankwise.targets import match_targets
 from conftest import register_for_test
 
@@ -200,6 +204,27 @@ def adapter_param_ids(model: nn.Module) -> set[int]:
 def test_methods_lists_registered_names():
     assert "lora" in methods()
     assert methods() == sorted(methods())
+
+
+def test_registration_derives_needs_data_and_names_layer_types():
+    registry = AdapterRegistry("adapter method")
+    registry.register("probe", family="test", paper="p", supports=("linear",))(ProbeLayer)
+    registry.register("shared", family="test", paper="p", supports=("linear",))(SharedProbeLayer)
+    assert registry.entry("probe").needs_data and not registry.entry("shared").needs_data
+    assert registry.entry("probe").supports == {"linear"}
+    with pytest.raises(RuntimeError, match="registered with needs_data=False but its class collects statistics"):
+        registry.register("wrong", family="test", paper="p", supports=("linear",), needs_data=False)(ProbeLayer)
+    with pytest.raises(RuntimeError, match="unknown layer types"):
+        registry.register("conv", family="test", paper="p", supports=("conv2d",))
+
+
+def test_method_options_are_the_declarations_adapt_checks():
+    options = method_options("corda")
+    assert set(options) == {"dropout", "mode", "damping", "niter"}
+    assert options["niter"] is NITER and options["dropout"] is method_options("lora")["dropout"]
+    assert "mode='ipm'  (one of 'ipm', 'kpm')" in "\n".join(describe(options))
+    with pytest.raises(RankwiseError, match="unknown adapter method"):
+        method_options("lorra")
 
 
 def test_every_registered_method_has_a_row_that_agrees_with_its_registration():
