@@ -189,10 +189,9 @@ def test_sorsa_init_and_orthonormal_regulariser_on_a_constructed_case():
 
 
 def peft_adapted(model: nn.Module, init: str, targets: list[str], rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
-    return get_peft_model(model, config)
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
+    return peft.get_peft_model(model, config)
 
 
 def assert_matches_peft(ours: nn.Module, reference: nn.Module, atol: float) -> None:
@@ -229,7 +228,7 @@ def test_randomized_pissa_matches_peft_niter_on_a_weight_with_a_spectral_gap():
 
 @pytest.mark.parametrize("method", DATA_FREE)
 def test_exported_adapter_reproduces_the_model_in_peft_on_the_original_weights(method, batch, tmp_path):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     model = adapt(make_llama(), method, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     perturb_trainables(model)

@@ -324,8 +324,6 @@ def test_export_import_round_trip(batch, tmp_path):
 
 
 def test_pruned_layers_are_left_out_and_an_all_zero_update_is_refused(batch, tmp_path):
-    from peft import PeftModel
-
     model = rankwise.adapt(make_llama(), "sora", rank=4, targets=["q_proj", "v_proj"])
     layers = list(rankwise.adapters.adapter_layers(model).values())
     with torch.no_grad():
@@ -335,7 +333,7 @@ def test_pruned_layers_are_left_out_and_an_all_zero_update_is_refused(batch, tmp
             layer.gate.zero_()
     report = rankwise.export_peft(model, tmp_path / "some", require_exact=True)
     assert len(report["modules"]) == len(layers) - 2
-    peft_model = PeftModel.from_pretrained(make_llama(), tmp_path / "some")
+    peft_model = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "some")
     torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
     with torch.no_grad():
         for layer in layers:
