@@ -1,8 +1,11 @@
 """Common, table-driven tests for every adapter method, plus the framework's error paths.
 
-Each method contributes ONE row, in tests/cases/adapters_<family>.py; every test below runs on every row. A row says
-whether the method needs data, whether its output equals the base model's at init, and how
-many trainable parameters one adapted ``n_out x n_in`` layer has at rank ``r``.
+Each method contributes ONE row, in tests/cases/adapters_<family>.py; every test below runs on every row, and a
+registered method without a row fails the suite. A row says whether the method needs data,
+whether its output equals the base model's at init, and how many trainable parameters one
+adapted ``n_out x n_in`` layer has at rank ``r``. Every row runs with ``alpha = 2 * rank``, so
+a scaling that is dropped or applied twice on any path (unmerged forward, merge, save/load)
+changes an output.
 
 Two test-only methods, registered for this module only, exercise framework paths that no
 shipped method may use yet: ``probe`` (data-driven: input covariance + full-weight gradient,
@@ -33,19 +36,24 @@ from rankwise.adapters import (
     collect_weight_gradients,
     load_adapter,
     merge,
+    method_options,
     methods,
     save_adapter,
     trainable_parameters,
     unload,
     unmerge,
 )
+from rankwise.adapters.base import AdapterRegistry
 from rankwise.calibration import collect_statistics
+from rankwise.common_options import NITER
 from rankwise.errors import RankwiseError
 from rankwise.linalg.covariance import CovarianceAccumulator
+from rankwise.options import describe
 from rankwise.targets import match_targets
 from conftest import register_for_test
 
 RANK = 4
+ALPHA = 2 * RANK  # alpha != rank: LoRA's scaling is 2, not 1, so every scaling path matters
 ATOL = 1e-5
 
 
@@ -141,7 +149,7 @@ def data_batches() -> list[dict]:
 def adapted(case: Case, model: nn.Module | None = None) -> nn.Module:
     model = make_llama() if model is None else model
     data = data_batches() if case.needs_data else None
-    return adapt(model, case.method, rank=RANK, data=data, **case.options)
+    return adapt(model, case.method, rank=RANK, alpha=ALPHA, data=data, **case.options)
 
 
 def train(model: nn.Module, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
@@ -196,6 +204,38 @@ def adapter_param_ids(model: nn.Module) -> set[int]:
 def test_methods_lists_registered_names():
     assert "lora" in methods()
     assert methods() == sorted(methods())
+
+
+def test_registration_derives_needs_data_and_names_layer_types():
+    registry = AdapterRegistry("adapter method")
+    registry.register("probe", family="test", paper="p", supports=("linear",))(ProbeLayer)
+    registry.register("shared", family="test", paper="p", supports=("linear",))(SharedProbeLayer)
+    assert registry.entry("probe").needs_data and not registry.entry("shared").needs_data
+    assert registry.entry("probe").supports == {"linear"}
+    with pytest.raises(RuntimeError, match="registered with needs_data=False but its class collects statistics"):
+        registry.register("wrong", family="test", paper="p", supports=("linear",), needs_data=False)(ProbeLayer)
+    with pytest.raises(RuntimeError, match="unknown layer types"):
+        registry.register("conv", family="test", paper="p", supports=("conv2d",))
+
+
+def test_method_options_are_the_declarations_adapt_checks():
+    options = method_options("corda")
+    assert set(options) == {"dropout", "mode", "damping", "niter"}
+    assert options["niter"] is NITER and options["dropout"] is method_options("lora")["dropout"]
+    assert "mode='ipm'  (one of 'ipm', 'kpm')" in "\n".join(describe(options))
+    with pytest.raises(RankwiseError, match="unknown adapter method"):
+        method_options("lorra")
+
+
+def test_every_registered_method_has_a_row_that_agrees_with_its_registration():
+    shipped = {entry.name: entry for entry in ADAPTERS.entries() if entry.family != "test"}
+    missing = sorted(set(shipped) - {case.method for case in CASES})
+    assert not missing, f"registered adapter(s) without a row in tests/cases/adapters_*.py: {missing}"
+    for case in CASES:
+        if case.method in shipped:
+            entry = shipped[case.method]
+            assert case.needs_data == entry.needs_data == entry.obj.needs_data(), case.id
+            assert entry.supports == {"linear"}, case.id
 
 
 @cases
@@ -296,16 +336,16 @@ def test_save_load_roundtrip_on_a_fresh_base(case, batch, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rank": 0}, "rank must be a positive integer"),
-        ({"rank": -3}, "rank must be a positive integer"),
-        ({"rank": 2.5}, "rank must be a positive integer"),
-        ({"rank": True}, "rank must be a positive integer"),
+        ({"rank": 0}, "lora: option rank must be an integer >= 1, got 0"),
+        ({"rank": -3}, "option rank must be an integer >= 1"),
+        ({"rank": 2.5}, "option rank must be an integer >= 1"),
+        ({"rank": True}, "option rank must be an integer >= 1"),
         ({"rank": 33}, "choose an integer in [1, 32]"),
-        ({"alpha": 0}, "alpha must be a positive number"),
+        ({"alpha": 0}, "option alpha must be None or a number > 0"),
         ({"targets": ["no_such_layer"]}, "q_proj"),
         ({"targets": "("}, "not a valid regular expression"),
         ({"rslora": "yes"}, "rslora must be True or False"),
-        ({"dropout": 1.0}, "dropout must be a number in [0, 1)"),
+        ({"dropout": 1.0}, "option dropout must be a number in [0, 1)"),
         ({"data": [make_batch()]}, "does not use data"),
     ],
 )

@@ -179,34 +179,19 @@ def test_sorsa_init_and_orthonormal_regulariser_on_a_constructed_case():
         layer.U_p.mul_(2.0)  # U^T U = 4 I: ||3 I||_F^2 = 9 r
         layer.Vh_p[0].zero_()  # Vh Vh^T = I minus one diagonal entry: ||.||_F^2 = 1
     torch.testing.assert_close(layer.regularization(), torch.tensor(0.5 * (9 * 3 + 1)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(regularization_loss(model), layer.regularization())
+    torch.testing.assert_close(regularization_loss(model), torch.tensor(0.5 * (9 * 3 + 1)), atol=1e-5, rtol=0)
     layer.regularization().backward()
     assert layer.U_p.grad is not None and layer.U_p.grad.abs().sum() > 0
     assert regularization_loss(adapt(OneLayer(weight), "sorsa", rank=3, gamma=0)) is None
-
-
-@pytest.mark.parametrize("method", DATA_FREE)
-def test_export_factors_reproduce_the_update_and_the_base_offset(method):
-    model = adapt(make_llama(), method, rank=4, alpha=8, targets=["q_proj", "down_proj"])
-    perturb_trainables(model)
-    for layer in adapter_layers(model).values():
-        b, a = layer.lora_factors()
-        b0, a0 = layer.base_offset_factors()
-        assert b.dtype == a.dtype == b0.dtype == a0.dtype == torch.float32
-        assert b.shape[0] == layer.out_features and a.shape[1] == layer.in_features
-        torch.testing.assert_close(b @ a, layer.delta_weight(), atol=ATOL, rtol=0)
-        torch.testing.assert_close(b0 @ a0, layer.base_offset(), atol=ATOL, rtol=0)
-        torch.testing.assert_close(layer.base.weight + b0 @ a0, layer.original_weight(), atol=ATOL, rtol=0)
 
 
 # ----- PEFT as the oracle -----------------------------------------------------------------------
 
 
 def peft_adapted(model: nn.Module, init: str, targets: list[str], rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
-    return get_peft_model(model, config)
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
+    return peft.get_peft_model(model, config)
 
 
 def assert_matches_peft(ours: nn.Module, reference: nn.Module, atol: float) -> None:
@@ -243,7 +228,7 @@ def test_randomized_pissa_matches_peft_niter_on_a_weight_with_a_spectral_gap():
 
 @pytest.mark.parametrize("method", DATA_FREE)
 def test_exported_adapter_reproduces_the_model_in_peft_on_the_original_weights(method, batch, tmp_path):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     model = adapt(make_llama(), method, rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     perturb_trainables(model)
@@ -324,9 +309,9 @@ def test_rank_above_the_layer_limit_is_refused(llama, method):
         ("pissa", {"niter": 2.5}, "niter must be None"),
         ("svfit", {"niter": True}, "niter must be None"),
         ("sorsa", {"niter": "4"}, "niter must be None"),
-        ("sorsa", {"gamma": -1.0}, "gamma .* must be a number >= 0"),
-        ("sorsa", {"gamma": None}, "gamma .* must be a number >= 0"),
-        ("loldu", {"train_scaling": "yes"}, "train_scaling must be True or False"),
+        ("sorsa", {"gamma": -1.0}, "sorsa: option gamma must be a number >= 0, got -1.0"),
+        ("sorsa", {"gamma": None}, "option gamma must be a number >= 0, got None"),
+        ("loldu", {"train_scaling": "yes"}, "option train_scaling must be True or False"),
         ("olora", {"niter": 4}, "unknown option.*niter"),
         ("loldu", {"gamma": 0.1}, "unknown option.*gamma"),
         ("pissa", {"data": [make_batch()]}, "does not use data"),

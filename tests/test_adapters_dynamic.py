@@ -19,6 +19,7 @@ from rankwise.adapters import (
     adapt,
     adapter_layers,
     after_step,
+    effective_ranks,
     load_adapter,
     merge,
     regularization_loss,
@@ -26,10 +27,11 @@ from rankwise.adapters import (
     unload,
     unmerge,
 )
-from rankwise.adapters.adalora import AdaLoraLayer, budget_schedule, update_smoothed_importance
+from rankwise.adapters.adalora import AdaLoraLayer, budget_schedule
+from rankwise.adapters.svd_triplet_family import update_smoothed_importance
 from rankwise.adapters.dylora import truncate
 from rankwise.adapters.increlora import RESERVE_VALUE
-from rankwise.adapters.sora import effective_ranks, soft_threshold
+from rankwise.adapters.sora import soft_threshold
 from rankwise.errors import RankwiseError
 
 ATOL = 1e-5
@@ -234,7 +236,7 @@ def test_adalora_prunes_to_the_target_budget_and_keeps_merge_and_save_load(tmp_p
 
 def test_adalora_after_step_errors_leave_the_state():
     model = adapt(make_llama(), "adalora", rank=2, targets=["q_proj"], target_r=1, tinit=3, tfinal=3)
-    with pytest.raises(RankwiseError, match="total_steps > tinit \\+ tfinal"):
+    with pytest.raises(RankwiseError, match=r"total_steps must be an integer >= 7, got 5; it must exceed tinit \+ tfinal"):
         after_step(model, step=1, total_steps=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RankwiseError, match="no adapter has one"):
@@ -247,8 +249,8 @@ def test_adalora_after_step_errors_leave_the_state():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"target_r": 5}, "target_r must be an integer"), ({"beta1": 1.0}, "beta1 must be a number in"),
-     ({"deltaT": 0}, "deltaT must be an integer"), ({"orth_reg_weight": -1}, "orth_reg_weight")],
+    [({"target_r": 5}, "target_r 5 is above the rank 4"), ({"beta1": 1.0}, r"option beta1 must be a number in \(0, 1\)"),
+     ({"deltaT": 0}, "option deltaT must be an integer >= 1"), ({"orth_reg_weight": -1}, "option orth_reg_weight must be")],
 )
 def test_adalora_bad_options(llama, options, message):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
@@ -352,7 +354,7 @@ def test_increlora_after_step_needs_a_backward_pass():
 def test_increlora_capacity_must_leave_room_to_grow(llama):
     with pytest.raises(RankwiseError, match="leaves no room to grow"):
         adapt(llama, "increlora", rank=3, init_r=2, target_r=3, incre_rank=2)
-    with pytest.raises(RankwiseError, match="target_r must be an integer"):
+    with pytest.raises(RankwiseError, match=r"target_r must be in \[1, rank=2\], got 3"):
         adapt(llama, "increlora", rank=2, init_r=1, target_r=3)
     assert not adapter_layers(llama)
 
@@ -480,7 +482,7 @@ def test_dylora_merge_in_training_mode_unmerges_the_same_rank(batch):
 
 
 def test_dylora_bad_input(llama):
-    with pytest.raises(RankwiseError, match="eval_rank must be None"):
+    with pytest.raises(RankwiseError, match="eval_rank 5 is above the rank 4"):
         adapt(llama, "dylora", rank=4, eval_rank=5)
     with pytest.raises(RankwiseError, match="min_rank 5 is above the rank 4"):
         adapt(llama, "dylora", rank=4, min_rank=5)
@@ -488,6 +490,6 @@ def test_dylora_bad_input(llama):
         truncate(llama, 2)
     adapt(llama, "dylora", rank=4, targets=TARGETS)
     before = {k: v.clone() for k, v in llama.state_dict().items()}
-    with pytest.raises(RankwiseError, match=r"choose an integer in \[1, 4\]"):
+    with pytest.raises(RankwiseError, match=r"option rank must be an integer in \[1, 4\], got 5"):
         truncate(llama, 5)
     assert all(torch.equal(v, before[k]) for k, v in llama.state_dict().items())

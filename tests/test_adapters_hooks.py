@@ -20,10 +20,18 @@ class RegularisedLora(LoraLayer):
         cls.calls.append((sorted(layers), step, total_steps, optimizer))
 
 
-def test_plain_lora_has_no_loss_term_and_no_schedule(llama):
+def test_plain_lora_has_no_loss_term_and_its_schedule_changes_nothing(llama, batch):
     adapt(llama, "lora", rank=2)
     assert regularization_loss(llama) is None
-    after_step(llama, step=1, total_steps=2)
+    with torch.no_grad():
+        for layer in adapter_layers(llama).values():
+            layer.lora_B.normal_()
+    llama(**batch).loss.backward()  # gradients present, as after optimizer.step()
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    grads = {k: p.grad.clone() for k, p in llama.named_parameters() if p.grad is not None}
+    after_step(llama, step=1, total_steps=2, optimizer=None)
+    assert all(torch.equal(v, state[k]) for k, v in llama.state_dict().items())
+    assert all(torch.equal(p.grad, grads[k]) for k, p in llama.named_parameters() if p.grad is not None)
 
 
 def test_loss_terms_are_summed_and_schedules_called_once_with_all_layers(llama, monkeypatch):

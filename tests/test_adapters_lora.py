@@ -52,13 +52,12 @@ def test_alpha_defaults_to_rank(llama):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_matches_peft_with_the_same_factors(batch, rslora):
-    from peft import LoraConfig, get_peft_model
-
+    peft = pytest.importorskip("peft")
     ours = adapt(make_llama(), "lora", rank=4, alpha=8, rslora=rslora, targets=["q_proj", "v_proj", "down_proj"])
     randomise_b(ours)
-    reference = get_peft_model(
+    reference = peft.get_peft_model(
         make_llama(),
-        LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"]),
+        peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["q_proj", "v_proj", "down_proj"]),
     )
     state = reference.state_dict()
     with torch.no_grad():

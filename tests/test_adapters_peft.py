@@ -1,134 +1,49 @@
-"""PEFT interoperability: export_peft / import_peft against peft.PeftModel as the oracle.
+"""PEFT interoperability with peft.PeftModel as the oracle (this module needs PEFT; the checks
+that do not are in tests/test_adapters_peft_io.py).
 
 - export of lora / rsLoRA / per-module ranks loads with ``PeftModel.from_pretrained(original
   base, dir)`` and gives the rankwise model's outputs (tiny LLaMA and the real MiniLM encoder);
 - an adapter saved by PEFT imports with PeftModel's outputs; export -> import round trip;
-- a table over EVERY registered method: adapt, perturb the trainable tensors, export, load in
-  PEFT onto the ORIGINAL base; exact exports give identical outputs, inexact ones report the
-  true relative Frobenius error of the exported update (measured with PEFT's own delta);
-- bad input raises a RankwiseError and leaves the model (and the directory) untouched.
+- a table over EVERY row of the common suite (alpha = 2 * rank, so an export that writes
+  ``lora_alpha = r`` changes PEFT's scaling): adapt, perturb the trainable tensors, export,
+  load in PEFT onto the ORIGINAL base; exact exports give identical outputs, inexact ones
+  report the true relative Frobenius error of the exported update (measured with PEFT's own
+  delta).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import rankwise
 from cases import collect
 from conftest import make_batch, make_llama
-from rankwise.adapters import (
-    ADAPTERS,
-    AdapterLayer,
-    adapt,
-    adapter_layers,
-    export_peft,
-    import_peft,
-    merge,
-)
+from rankwise.adapters import adapt, adapter_layers, export_peft, import_peft, merge
 from rankwise.adapters.lora import LoraLayer
 from rankwise.errors import RankwiseError
-from conftest import register_for_test
+from test_adapters_peft_io import (  # noqa: F401  (the autouse fixture registers the test-only methods here too)
+    ATOL,
+    RANK,
+    TEST_ONLY_METHODS,
+    _register_test_only_methods,
+    logits,
+    perturb,
+    snapshot,
+    assert_untouched,
+    true_updates,
+)
 
 peft = pytest.importorskip("peft")
 
-RANK = 4
-ATOL = 1e-5
 PEFT_PREFIX = "base_model.model."
 
 
-# ----- test-only methods: the export paths no shipped method may exercise yet ----------------
-
-
-class DenseProbe(AdapterLayer):
-    """A full-rank update ``delta`` (out x in): no factors, so export goes through the truncated SVD."""
-
-    def __init__(self, base, rank, alpha, **options):
-        super().__init__(base, rank, alpha, **options)
-        self.delta = nn.Parameter(torch.empty(self.out_features, self.in_features, **self.factory))
-
-    def initialize(self, stats=None):
-        nn.init.zeros_(self.delta)
-
-    def delta_weight(self):
-        return self.delta
-
-
-class RewriteProbe(AdapterLayer):
-    """PiSSA-like base rewrite with exact factors: ``A0`` = first r coordinates, ``B0 = W A0^T``;
-    the trainable ``B A`` starts at ``B0 A0`` and the base becomes ``W - B0 A0``."""
-
-    rewrites_base = True
-
-    def __init__(self, base, rank, alpha, **options):
-        super().__init__(base, rank, alpha, **options)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **self.factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **self.factory))
-        self.register_buffer("A0", torch.empty(rank, self.in_features, **self.factory))
-        self.register_buffer("B0", torch.empty(self.out_features, rank, **self.factory))
-
-    def initialize(self, stats=None):
-        with torch.no_grad():
-            self.A0.copy_(torch.eye(self.rank, self.in_features))
-            self.B0.copy_(self.base.weight.float() @ self.A0.T)
-            self.lora_A.copy_(self.A0)
-            self.lora_B.copy_(self.B0)
-
-    def delta_weight(self):
-        return self.lora_B @ self.lora_A
-
-    def base_offset(self):
-        return self.B0 @ self.A0
-
-    def lora_factors(self):
-        return self.lora_B.detach().float(), self.lora_A.detach().float()
-
-    def base_offset_factors(self):
-        return self.B0.float(), self.A0.float()
-
-
-class RewriteUnfactoredOffset(RewriteProbe):
-    """Same, but the offset's factors are not offered: export falls back to the SVD of ``BA - B0A0``."""
-
-    def base_offset_factors(self):
-        return None
-
-
-TEST_ONLY_METHODS = {
-    "peft-dense-probe": DenseProbe,
-    "peft-rewrite-probe": RewriteProbe,
-    "peft-rewrite-unfactored": RewriteUnfactoredOffset,
-}
-
-
-@pytest.fixture(autouse=True)
-def _register_test_only_methods(monkeypatch):
-    for name, cls in TEST_ONLY_METHODS.items():
-        register_for_test(monkeypatch, ADAPTERS, name, cls)
-
-
 # ----- helpers ---------------------------------------------------------------------------------
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def perturb(model, seed=0, scale=0.05):
-    """Move every trainable adapter tensor off its init so the update is non-trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=generator).to(p))
-    return model
 
 
 def peft_deltas(peft_model) -> dict[str, torch.Tensor]:
@@ -140,32 +55,6 @@ def peft_deltas(peft_model) -> dict[str, torch.Tensor]:
         for name, module in peft_model.named_modules()
         if isinstance(module, PeftLoraLayer)
     }
-
-
-def true_updates(model, original) -> dict[str, torch.Tensor]:
-    """``W_eff - W0`` per adapted module, from a merged copy and the untouched original base."""
-    merged = merge(copy.deepcopy(model))
-    return {
-        name: layer.base.weight.float() - original.get_submodule(name).weight.float()
-        for name, layer in adapter_layers(merged).items()
-    }
-
-
-def snapshot(model):
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "flags": {k: p.requires_grad for k, p in model.named_parameters()},
-        "types": {k: type(m) for k, m in model.named_modules()},
-        "merged": {k: m.merged for k, m in adapter_layers(model).items()},
-    }
-
-
-def assert_untouched(model, before):
-    after = snapshot(model)
-    assert after["types"] == before["types"] and after["flags"] == before["flags"]
-    assert after["merged"] == before["merged"]
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 def randomise_peft_b(peft_model, seed=0):
@@ -325,20 +214,6 @@ def test_rewriting_method_is_exported_against_the_original_weight(batch, tmp_pat
 # ----- non-factored updates: truncated SVD with the error reported ------------------------------
 
 
-def test_dense_update_exports_best_rank_k_with_its_error(batch, tmp_path):
-    model = perturb(adapt(make_llama(), "peft-dense-probe", rank=RANK, targets=["q_proj", "down_proj"]))
-    report = export_peft(model, tmp_path)
-    assert not report["exact"]
-    updates = true_updates(model, make_llama())
-    for name, update in updates.items():
-        singular = torch.linalg.svdvals(update)
-        eckart_young = (singular[RANK:].square().sum() / singular.square().sum()).sqrt().item()
-        entry = report["modules"][name]
-        assert entry["source"] == "svd" and entry["rank"] == RANK and not entry["exact"]
-        assert entry["relative_error"] == pytest.approx(eckart_young, rel=1e-4)
-    assert report["max_relative_error"] == max(m["relative_error"] for m in report["modules"].values())
-
-
 def test_full_rank_svd_export_is_exact(batch, tmp_path):
     model = perturb(adapt(make_llama(), "peft-dense-probe", rank=RANK, targets=["q_proj"]))
     report = export_peft(model, tmp_path, rank=32, require_exact=True)
@@ -356,26 +231,16 @@ def test_offset_without_factors_falls_back_to_svd_and_is_exact_at_rank_2k(batch,
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=ATOL, rtol=0)
 
 
-def test_require_exact_refuses_before_writing(tmp_path):
-    model = perturb(adapt(make_llama(), "peft-dense-probe", rank=RANK, targets=["q_proj"]))
-    with pytest.raises(RankwiseError, match="require_exact=True.*larger rank"):
-        export_peft(model, tmp_path / "out", require_exact=True)
-    assert not (tmp_path / "out").exists()
-
-
 # ----- the table: every registered method ------------------------------------------------------
 
 
 def _method_rows() -> list[tuple]:
-    """``(id, options, needs_data, method)``: every method rankwise ships (options from its first
-    tests/cases row, if any; methods other test files register are skipped) plus this file's
-    test-only methods."""
+    """``(id, options, needs_data, method)``: the first common-suite row of every shipped method
+    (tests/test_adapters.py fails for a method without one) plus the test-only methods."""
     rows = {}
     for case in collect("adapters_"):
         rows.setdefault(case.method, (case.id, case.options, case.needs_data, case.method))
-    shipped = [m for m in rankwise.methods() if ADAPTERS.get(m).__module__.startswith("rankwise.")]
-    registered = [rows.get(m, (m, {}, ADAPTERS.get(m).needs_data(), m)) for m in shipped]
-    return registered + [(f"{m} (test-only)", {}, False, m) for m in TEST_ONLY_METHODS]
+    return list(rows.values()) + [(f"{m} (test-only)", {}, False, m) for m in TEST_ONLY_METHODS]
 
 
 METHOD_ROWS = _method_rows()
@@ -384,7 +249,7 @@ METHOD_ROWS = _method_rows()
 @pytest.mark.parametrize("case_id, options, needs_data, method", METHOD_ROWS, ids=[r[0] for r in METHOD_ROWS])
 def test_every_method_exports_to_peft_on_the_original_base(case_id, options, needs_data, method, batch, tmp_path):
     data = [make_batch(seed=1), make_batch(seed=2)] if needs_data else None
-    model = perturb(adapt(make_llama(), method, rank=RANK, data=data, **options))
+    model = perturb(adapt(make_llama(), method, rank=RANK, alpha=2 * RANK, data=data, **options))
     original = make_llama()
     report = export_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path)
@@ -458,95 +323,7 @@ def test_export_import_round_trip(batch, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-# ----- bad input ------------------------------------------------------------------------------
-
-
-def _edit_config(directory: Path, **changes):
-    path = directory / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
-def _rename_module(directory: Path):
-    path = directory / "adapter_model.safetensors"
-    tensors = load_file(path)
-    save_file({k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.qq_proj"): v for k, v in tensors.items()},
-              path)
-
-
-def _drop_b(directory: Path):
-    path = directory / "adapter_model.safetensors"
-    save_file({k: v for k, v in load_file(path).items() if "layers.1.mlp.down_proj.lora_B" not in k}, path)
-
-
-def _to_bin(directory: Path):
-    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
-
-
-BREAKAGES = {
-    "missing-dir": (lambda d: __import__("shutil").rmtree(d), "does not exist"),
-    "corrupt-json": (lambda d: (d / "adapter_config.json").write_text("{not json"), "not valid JSON"),
-    "wrong-peft-type": (lambda d: _edit_config(d, peft_type="IA3"), "LoRA adapters only"),
-    "missing-module": (_rename_module, "no such module"),
-    "shape-mismatch": (lambda d: _edit_config(d, r=8), r"shape \(4, \d+\), expected \(8, \d+\)"),
-    "bad-rank-pattern": (lambda d: _edit_config(d, rank_pattern={"q_proj": "big"}), "positive integer"),
-    "pickle-weights": (_to_bin, "pickle"),
-    "dora": (lambda d: _edit_config(d, use_dora=True), "use_dora"),
-    "bias": (lambda d: _edit_config(d, bias="all"), "bias='all'"),
-    "fan-in-fan-out": (lambda d: _edit_config(d, fan_in_fan_out=True), "fan_in_fan_out"),
-    "pissa-init": (lambda d: _edit_config(d, init_lora_weights="pissa_niter_4"), "rewrites the base"),
-    "modules-to-save": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
-    "unpaired-factor": (_drop_b, "no lora_B"),
-    "config-disagrees": (lambda d: _edit_config(d, target_modules=["k_proj"]), "disagree"),
-    "truncated-weights": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 7), "safetensors"),
-}
-
-
-@pytest.mark.parametrize("breakage", list(BREAKAGES))
-def test_import_rejects_bad_adapters_and_leaves_the_model(breakage, tmp_path):
-    save_peft_adapter(tmp_path)
-    damage, message = BREAKAGES[breakage]
-    damage(tmp_path)
-    model = make_llama()
-    before = snapshot(model)
-    with pytest.raises(RankwiseError, match=message):
-        import_peft(model, tmp_path)
-    assert_untouched(model, before)
-
-
-def test_import_onto_an_adapted_model_is_refused(tmp_path, batch):
-    save_peft_adapter(tmp_path)
-    model = perturb(adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"]))
-    before = snapshot(model)
-    with pytest.raises(RankwiseError, match="stacking"):
-        import_peft(model, tmp_path)
-    assert_untouched(model, before)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [({"rank": 0}, "positive integer"), ({"rank": True}, "positive integer")],
-)
-def test_export_rejects_bad_arguments(kwargs, message, tmp_path):
-    model = adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"])
-    with pytest.raises(RankwiseError, match=message):
-        export_peft(model, tmp_path / "out", **kwargs)
-    assert not (tmp_path / "out").exists()
-
-
-def test_export_needs_adapters_and_a_directory(tmp_path):
-    with pytest.raises(RankwiseError, match="no adapters"):
-        export_peft(make_llama(), tmp_path)
-    model = adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"])
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(RankwiseError, match="not a directory"):
-        export_peft(model, tmp_path / "file")
-
-
 def test_pruned_layers_are_left_out_and_an_all_zero_update_is_refused(batch, tmp_path):
-    from peft import PeftModel
-
     model = rankwise.adapt(make_llama(), "sora", rank=4, targets=["q_proj", "v_proj"])
     layers = list(rankwise.adapters.adapter_layers(model).values())
     with torch.no_grad():
@@ -556,7 +333,7 @@ def test_pruned_layers_are_left_out_and_an_all_zero_update_is_refused(batch, tmp
             layer.gate.zero_()
     report = rankwise.export_peft(model, tmp_path / "some", require_exact=True)
     assert len(report["modules"]) == len(layers) - 2
-    peft_model = PeftModel.from_pretrained(make_llama(), tmp_path / "some")
+    peft_model = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "some")
     torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
     with torch.no_grad():
         for layer in layers:

@@ -13,7 +13,8 @@ CASES = [
     # rho=1: no redistribution, so every layer keeps rank r and the count is the LoRA formula.
     AdapterCase("eva-rho1", "eva", {"rho": 1.0}, True, True, lora_shaped),
     AdapterCase("lora_ga", "lora_ga", {}, True, True, lora_shaped),
-    AdapterCase("lora_sb", "lora_sb", {}, True, True, lambda n_in, n_out, r: r * r),
-    AdapterCase("lora_sb-start-from-update", "lora_sb", {"start_from_update": True, "update": "sgd", "update_lr": 1.0},
-                True, False, lambda n_in, n_out, r: r * r),
+    # The paper's start: the model is moved by the simulated first update, so not the base at init.
+    AdapterCase("lora_sb", "lora_sb", {}, True, False, lambda n_in, n_out, r: r * r),
+    AdapterCase("lora_sb-output-preserving-sgd", "lora_sb", {"start_from_update": False, "update": "sgd"},
+                True, True, lambda n_in, n_out, r: r * r),
 ]

@@ -44,109 +44,22 @@ LoRA convention (the paper has none; with ``alpha = r`` it is 1). Importance use
 present when ``after_step`` runs (after ``optimizer.step()``, before the next ``zero_grad``) and
 the parameter values after the step. The EMA state is training state, not saved.
 
-:class:`SvdTripletLayer` (the SVD-form layer) and :func:`update_smoothed_importance` are shared
-with IncreLoRA, which builds on this parametrisation.
+The SVD-form layer and the smoothed importance are in
+:mod:`~rankwise.adapters.svd_triplet_family`, shared with IncreLoRA.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.hooks import check_total_steps, refuse_merged
+from rankwise.adapters.svd_triplet_family import SMOOTHING, SvdTripletLayer, update_smoothed_importance
 from rankwise.errors import RankwiseError
-
-
-def update_smoothed_importance(
-    average: torch.Tensor, uncertainty: torch.Tensor, current: torch.Tensor, beta1: float, beta2: float
-) -> None:
-    """In place: ``Ibar = b1 Ibar + (1-b1) I``; ``Ubar = b2 Ubar + (1-b2) |I - Ibar|`` (new ``Ibar``)."""
-    average.mul_(beta1).add_(current, alpha=1.0 - beta1)
-    uncertainty.mul_(beta2).add_((current - average).abs(), alpha=1.0 - beta2)
-
-
-def check_unit_interval(layer: AdapterLayer, name: str) -> None:
-    value = layer.options[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise layer.error(f"{name} must be a number in (0, 1), got {value!r}")
-
-
-def check_int(layer: AdapterLayer, name: str, low: int, high: int | None = None) -> None:
-    value = layer.options[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise layer.error(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def refuse_merged(layers: dict[str, AdapterLayer], method: str) -> None:
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        raise RankwiseError(
-            f"{method} cannot run its training schedule on merged layers ({', '.join(merged[:3])}); "
-            "call rankwise.unmerge(model) before training"
-        )
-
-
-class SvdTripletLayer(AdapterLayer):
-    """``delta = P diag(sigma) Q`` with trainable ``P`` (out x r), ``lambda`` (r), ``Q`` (r x in).
-
-    ``sigma = effective_singular_values()`` (subclasses fold scaling and masks into it);
-    ``regularization()`` is the orthogonality penalty on the rows in ``regularized_rows()``.
-    """
-
-    OPTIONS = {"orth_reg_weight": 0.1}
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
-        super().__init__(base, rank, alpha, **options)
-        weight = self.options["orth_reg_weight"]
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise self.error(f"orth_reg_weight must be a number >= 0, got {weight!r}")
-        self.lora_P = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
-        self.lora_lambda = nn.Parameter(torch.empty(self.rank, **self.factory))
-        self.lora_Q = nn.Parameter(torch.empty(self.rank, self.in_features, **self.factory))
-
-    def initialize(self, stats: Any = None) -> None:
-        with torch.no_grad():
-            nn.init.normal_(self.lora_P, std=1.0 / math.sqrt(self.out_features))
-            nn.init.normal_(self.lora_Q, std=1.0 / math.sqrt(self.in_features))
-            nn.init.zeros_(self.lora_lambda)
-
-    def effective_singular_values(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def regularized_rows(self) -> torch.Tensor | None:
-        """Boolean mask of the triplets the orthogonality penalty covers (None: all)."""
-        return None
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_P * self.effective_singular_values()) @ self.lora_Q
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.to(self.lora_Q.dtype) @ self.lora_Q.T) * self.effective_singular_values()) @ self.lora_P.T
-
-    def regularization(self) -> torch.Tensor | None:
-        weight = float(self.options["orth_reg_weight"])
-        if weight == 0.0:
-            return None
-        rows = self.regularized_rows()
-        left = self.lora_P.float() if rows is None else self.lora_P.float()[:, rows]
-        right = self.lora_Q.float() if rows is None else self.lora_Q.float()[rows]
-        eye = torch.eye(left.shape[1], device=left.device)
-        return weight * ((left.T @ left - eye).square().sum() + (right @ right.T - eye).square().sum())
-
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, A)`` in fp32 with ``B @ A == delta_weight()``; triplets with sigma = 0 dropped."""
-        with torch.no_grad():
-            sigma = self.effective_singular_values().float()
-            keep = sigma != 0
-            return (self.lora_P.float()[:, keep] * sigma[keep]).contiguous(), self.lora_Q.float()[keep].contiguous()
-
-    def effective_rank(self) -> int:
-        """Number of triplets with a non-zero singular value."""
-        return int((self.effective_singular_values() != 0).sum())
+from rankwise.options import Option
 
 
 def budget_schedule(step: int, total_steps: int, initial: int, target: int, tinit: int, tfinal: int) -> int:
@@ -164,23 +77,32 @@ def budget_schedule(step: int, total_steps: int, initial: int, target: int, tini
     family="dynamic_rank",
     paper="AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     arxiv="2303.10512",
+    supports=("linear",),
 )
 class AdaLoraLayer(SvdTripletLayer):
     """SVD-form update whose triplets are pruned to a global budget by smoothed importance."""
 
-    OPTIONS = {"target_r": None, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85}
+    OPTIONS = {
+        "target_r": Option(
+            None, int, low=1, nullable=True,
+            help="final average rank per layer (at most rank); None = 2/3 of rank (the paper's 1.5x budget)",
+        ),
+        "tinit": Option(0, int, low=0, help="initial steps without pruning"),
+        "tfinal": Option(0, int, low=0, help="final steps with the budget fixed"),
+        "deltaT": Option(1, int, low=1, help="steps between budget allocations"),
+        "beta1": SMOOTHING,
+        "beta2": SMOOTHING,
+    }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         if self.options["target_r"] is None:
             # The paper sets the initial budget to 1.5x the final one.
             self.options["target_r"] = max(1, (2 * self.rank) // 3)
-        check_int(self, "target_r", 1, self.rank)
-        check_int(self, "tinit", 0)
-        check_int(self, "tfinal", 0)
-        check_int(self, "deltaT", 1)
-        check_unit_interval(self, "beta1")
-        check_unit_interval(self, "beta2")
+        if self.options["target_r"] > self.rank:
+            raise self.error(
+                f"target_r {self.options['target_r']} is above the rank {self.rank} (the initial budget); lower it"
+            )
         self.scaling = self.alpha / self.rank
         self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool, device=self.base.weight.device))
         for name in ("P", "lambda", "Q"):
@@ -194,7 +116,7 @@ class AdaLoraLayer(SvdTripletLayer):
         return self.lora_lambda * self.scaling
 
     def update_importance(self) -> None:
-        beta1, beta2 = float(self.options["beta1"]), float(self.options["beta2"])
+        beta1, beta2 = self.options["beta1"], self.options["beta2"]
         with torch.no_grad():
             for name in ("P", "lambda", "Q"):
                 param = getattr(self, f"lora_{name}")
@@ -233,12 +155,9 @@ class AdaLoraLayer(SvdTripletLayer):
     @classmethod
     def after_step(cls, layers: dict[str, AdaLoraLayer], *, step: int, total_steps: int, optimizer: Any = None) -> None:
         first = next(iter(layers.values()))
-        tinit, tfinal, delta_t = (int(first.options[k]) for k in ("tinit", "tfinal", "deltaT"))
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= tinit + tfinal:
-            raise RankwiseError(
-                f"adalora needs total_steps > tinit + tfinal ({tinit} + {tfinal}), got {total_steps!r}; "
-                "lower tinit / tfinal or train longer"
-            )
+        tinit, tfinal, delta_t = (first.options[k] for k in ("tinit", "tfinal", "deltaT"))
+        remedy = "it must exceed tinit + tfinal: lower tinit / tfinal or train longer"
+        check_total_steps(total_steps, tinit + tfinal + 1, "adalora", remedy)
         refuse_merged(layers, "adalora")
         final_phase = step >= total_steps - tfinal
         if final_phase and all(layer.final_mask_fixed for layer in layers.values()):
@@ -254,7 +173,7 @@ class AdaLoraLayer(SvdTripletLayer):
             layer.update_importance()
         if final_phase or (step >= tinit and (step - tinit) % delta_t == 0):
             initial = sum(layer.rank for layer in layers.values())
-            target = sum(int(layer.options["target_r"]) for layer in layers.values())
+            target = sum(layer.options["target_r"] for layer in layers.values())
             cls.mask_to_budget(layers, budget_schedule(step, total_steps, initial, target, tinit, tfinal))
             if final_phase:
                 for layer in layers.values():

@@ -27,9 +27,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS, ALPHA, RANK, AdapterLayer
 from rankwise.calibration import materialise_data
 from rankwise.errors import RankwiseError
+from rankwise.options import Option, declared_options
 from rankwise.targets import Targets, match_targets, replace_module
 
 # Attribute on the model holding {parameter name: requires_grad} from before adapt / load_adapter.
@@ -39,6 +40,11 @@ _FLAGS_ATTR = "_rankwise_requires_grad_before"
 def methods() -> list[str]:
     """Names of the registered adapter methods."""
     return ADAPTERS.names()
+
+
+def method_options(name: str) -> dict[str, Option]:
+    """Every option adapter method ``name`` accepts (its own and its bases'), as declared."""
+    return declared_options(ADAPTERS.get(name))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -72,7 +78,7 @@ def build_layer(
     method: str,
     base: nn.Linear,
     rank: int,
-    alpha: float,
+    alpha: float | None,
     name: str,
     options: dict[str, Any],
     shared: dict[str, torch.Tensor] | None = None,
@@ -140,7 +146,7 @@ def init_report(model: nn.Module) -> dict[str, Any]:
     layers = {
         name: layer.init_seconds
         for name, layer in require_adapters(model, "report init times").items()
-        if hasattr(layer, "init_seconds")
+        if layer.init_seconds is not None
     }
     return {"total_seconds": sum(layers.values()), "layers": layers}
 
@@ -163,12 +169,10 @@ def adapt(
     parameters are now the adapters'.
     """
     cls = ADAPTERS.get(method)
-    options = cls.resolve_options(options)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise RankwiseError(f"rank must be a positive integer, got {rank!r}")
-    alpha = float(rank) if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise RankwiseError(f"alpha must be a positive number (or None for alpha = rank), got {alpha!r}")
+    options = cls.resolve_options(options, owner=method)
+    RANK.check("rank", rank, method)
+    alpha = ALPHA.check("alpha", alpha, method)
+    alpha = float(rank) if alpha is None else alpha  # the requested rank, also where allocate_ranks varies it
     refuse_adapted(model, f"adapt with {method!r}")
     names = match_targets(model, targets)
     bases: dict[str, nn.Linear] = {name: model.get_submodule(name) for name in names}

@@ -53,9 +53,11 @@ from typing import Any
 import torch
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter
+from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.calibration import LayerStatistics
+from rankwise.common_options import NITER
 from rankwise.linalg.svd import svd, truncated_svd
+from rankwise.options import Option
 
 
 def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -90,25 +92,21 @@ def context_decomposition(
     family="data_init",
     paper="CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for Task-Aware Parameter-Efficient Fine-tuning",
     arxiv="2406.05223",
-    needs_data=True,
+    supports=("linear",),
 )
 class CordaLayer(LoraRewriteLayer):
     """CorDA: adapter = r components of ``W = U S (V^T C^{-1})``, top r (``ipm``) or bottom r (``kpm``)."""
 
-    OPTIONS = {"mode": "ipm", "damping": 0.01, "niter": None}
+    OPTIONS = {
+        "mode": Option("ipm", str, choices=("ipm", "kpm"),
+                       help="ipm: train the r principal context components; kpm: train the r smallest"),
+        "damping": Option(0.01, float, low=0, low_open=True, help="covariance damping, relative to its mean diagonal"),
+        "niter": NITER,
+    }
     statistics = ("input_covariance",)
 
     def __init__(self, base, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        if self.options["mode"] not in ("ipm", "kpm"):
-            raise self.error(
-                f"mode must be 'ipm' (train the principal components) or 'kpm' (train the smallest), "
-                f"got {self.options['mode']!r}"
-            )
-        damping = self.options["damping"]
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
-            raise self.error(f"damping must be a positive number (relative to the mean diagonal), got {damping!r}")
-        check_niter(self)
         if self.options["niter"] is not None and self.options["mode"] == "kpm":
             raise self.error("niter (randomized SVD of the top components) needs mode='ipm'; kpm uses the smallest")
 

@@ -22,20 +22,23 @@ In eval mode the layer uses ``eval_rank`` (default: the full rank ``r``), as the
 any chosen rank without retraining. :func:`truncate` cuts a trained adapter to a rank
 ``r' <= r`` for good: the layer keeps ``A[:r']``, ``B[:, :r']`` and scaling ``alpha / r'``.
 
-Init as LoRA: ``A`` kaiming-uniform, ``B = 0`` (the model equals the base model at init).
+Init as LoRA: ``A`` kaiming-uniform, ``B = 0`` (the model equals the base model at init); the
+factors are the LoRA family's (:class:`~rankwise.adapters.lora_family.LoraFactorsLayer`, whose
+``scaling = alpha / r`` is the full-rank one; truncated blocks use ``alpha / b``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from rankwise.adapters.api import adapter_layers
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.lora_family import LoraFactorsLayer
 from rankwise.errors import RankwiseError
+from rankwise.options import Option
 
 
 def sample_rank(seed: int, step: int, low: int, high: int) -> int:
@@ -49,39 +52,33 @@ def sample_rank(seed: int, step: int, low: int, high: int) -> int:
     family="dynamic_rank",
     paper="DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation",
     arxiv="2210.07558",
+    supports=("linear",),
 )
-class DyLoraLayer(AdapterLayer):
+class DyLoraLayer(LoraFactorsLayer):
     """LoRA block whose leading ``b x b`` sub-blocks are trained together (nested ranks)."""
 
-    OPTIONS = {"min_rank": 1, "eval_rank": None, "frozen": True, "seed": 0}
+    OPTIONS = {
+        "min_rank": Option(1, int, low=1, help="smallest sampled rank b (at most rank)"),
+        "eval_rank": Option(None, int, low=1, nullable=True, help="rank used in eval mode (at most rank); None = rank"),
+        "frozen": Option(
+            True, bool, help="only the b-th row / column learns (the paper's rule); False: all of the block"
+        ),
+        "seed": Option(0, int, low=0, help="seed of the rank sampling, shared by all layers"),
+    }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        for name, low in (("min_rank", 1), ("seed", 0)):
-            value = self.options[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise self.error(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.options["min_rank"] > self.rank:
-            raise self.error(f"min_rank {self.options['min_rank']} is above the rank {self.rank}; lower it")
-        self.check_eval_rank(self.options["eval_rank"])
-        if not isinstance(self.options["frozen"], bool):
-            raise self.error(f"frozen must be True or False, got {self.options['frozen']!r}")
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **self.factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
+        for name in ("min_rank", "eval_rank"):
+            if (self.options[name] or 1) > self.rank:
+                raise self.error(f"{name} {self.options[name]} is above the rank {self.rank}; lower it")
         self.sampled_rank = self.draw_rank(0)
         self.merged_rank = self.rank
 
-    def check_eval_rank(self, value: Any) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.rank):
-            raise self.error(f"eval_rank must be None (full rank) or an integer in [1, {self.rank}], got {value!r}")
-
     def draw_rank(self, step: int) -> int:
-        return sample_rank(int(self.options["seed"]), step, int(self.options["min_rank"]), self.rank)
+        return sample_rank(self.options["seed"], step, self.options["min_rank"], self.rank)
 
     def initialize(self, stats: Any = None) -> None:
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+        self.reset_lora_factors()
 
     def current_rank(self) -> int:
         """The rank in use: the merged one, the sampled ``b`` in training, else ``eval_rank`` (or ``r``)."""
@@ -132,7 +129,8 @@ class DyLoraLayer(AdapterLayer):
             self.lora_A = nn.Parameter(self.lora_A[:rank].clone())
             self.lora_B = nn.Parameter(self.lora_B[:, :rank].clone())
         self.rank = rank
-        self.options["min_rank"] = min(int(self.options["min_rank"]), rank)
+        self.scaling = self.lora_scaling()
+        self.options["min_rank"] = min(self.options["min_rank"], rank)
         self.options["eval_rank"] = None
         self.sampled_rank = min(self.sampled_rank, rank)
 
@@ -150,10 +148,7 @@ def truncate(model: nn.Module, rank: int) -> nn.Module:
             "truncate needs a model adapted with 'dylora'; call rankwise.adapt(model, 'dylora', ...) first"
         )
     for name, layer in layers.items():
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= layer.rank:
-            raise RankwiseError(
-                f"cannot truncate {name!r} (rank {layer.rank}) to {rank!r}: choose an integer in [1, {layer.rank}]"
-            )
+        Option(1, int, low=1, high=layer.rank, help="rank to keep").check("rank", rank, f"truncate {name!r}")
         if layer.merged:
             raise RankwiseError(f"{name!r} is merged; call rankwise.unmerge(model) before truncate")
     for layer in layers.values():

@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.lora import LoraLayer
+from rankwise.adapters.lora_family import StandardLoraLayer
 from rankwise.calibration import LayerStatistics, collect_layer_inputs
 from rankwise.errors import RankwiseError
 from rankwise.linalg.incremental_pca import IncrementalPCA
+from rankwise.options import Option
 
 
 def _token_mask(batch: Any, use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:
@@ -141,49 +142,30 @@ class _EvaPass:
         return pcas, ranks
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    rho, tau = options["rho"], options["tau"]
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 1.0:
-        raise RankwiseError(f"eva: rho must be a number >= 1 (1 = no rank redistribution), got {rho!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
-        raise RankwiseError(f"eva: tau must be a number in [0, 1] (cosine similarity threshold), got {tau!r}")
-    for flag in ("use_label_mask", "whiten", "adjust_scaling_factors", "rslora"):
-        if not isinstance(options[flag], bool):
-            raise RankwiseError(f"eva: {flag} must be True or False, got {options[flag]!r}")
-    if isinstance(options["label_mask_value"], bool) or not isinstance(options["label_mask_value"], int):
-        raise RankwiseError(f"eva: label_mask_value must be an integer, got {options['label_mask_value']!r}")
-
-
 @ADAPTERS.register(
     "eva",
     family="data_init",
     paper="One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation",
     arxiv="2410.07170",
-    needs_data=True,
+    supports=("linear",),
 )
-class EvaLayer(LoraLayer):
+class EvaLayer(StandardLoraLayer):
     """LoRA with ``A`` = top right singular vectors of the layer's input activations, ``B = 0``."""
 
     OPTIONS = {
-        "rho": 2.0,
-        "tau": 0.99,
-        "use_label_mask": True,
-        "label_mask_value": -100,
-        "whiten": False,
-        "adjust_scaling_factors": True,
+        "rho": Option(2.0, float, low=1, help="components per layer = round(rho * r) (1 = no rank redistribution)"),
+        "tau": Option(0.99, float, low=0, high=1, help="cosine similarity at which a component has converged"),
+        "use_label_mask": Option(True, bool, help="drop token positions whose label is label_mask_value"),
+        "label_mask_value": Option(-100, int, help="the label value of ignored positions"),
+        "whiten": Option(False, bool, help="divide each component by the square root of its singular value"),
+        "adjust_scaling_factors": Option(
+            True, bool, help="layer alpha = alpha * r_l / r, so every layer keeps the requested scaling alpha / r"
+        ),
     }
     statistics = ("input_batches",)  # declares the method data-driven; collection is overridden below
 
-    def __init__(self, base, rank: int, alpha: float, **options: Any) -> None:
-        super().__init__(base, rank, alpha, **options)
-        try:
-            _check_options(self.options)
-        except RankwiseError as exc:
-            raise self.error(str(exc).removeprefix("eva: ")) from None
-
     @classmethod
     def collect_statistics(cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any]) -> dict:
-        _check_options(options)
         run = _EvaPass(model, names, data, options)
         return {name: LayerStatistics(extra={"eva_pass": run}) for name in names}
 
@@ -211,7 +193,7 @@ class EvaLayer(LoraLayer):
             components = components / stats.extra["singular_values"][: self.rank].clamp_min(1e-12).sqrt()[:, None]
         if self.options["adjust_scaling_factors"]:
             self.alpha = self.alpha * self.rank / stats.extra["requested_rank"]
-            self.scaling = self.alpha / (self.rank**0.5 if self.options["rslora"] else self.rank)
+            self.scaling = self.lora_scaling()
         with torch.no_grad():
             self.lora_A.copy_(components.to(self.lora_A.dtype))
             self.lora_B.zero_()

@@ -3,7 +3,7 @@
 Zhang et al. 2023, "IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient
 Fine-tuning", arXiv 2308.12043.
 
-The update has AdaLoRA's SVD-like form (shared :class:`~rankwise.adapters.adalora.SvdTripletLayer`),
+The update has AdaLoRA's SVD-like form (shared :class:`~rankwise.adapters.svd_triplet_family.SvdTripletLayer`),
 a sum of rank-one components of which only the allocated ones count:
 
     W = W0 + (alpha / r_k) * sum_{i active} lambda_i P_i Q_i  (+ advance-learning reserves, below)
@@ -52,15 +52,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.adalora import (
-    SvdTripletLayer,
-    check_int,
-    check_unit_interval,
-    refuse_merged,
-    update_smoothed_importance,
-)
 from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.hooks import refuse_merged
+from rankwise.adapters.svd_triplet_family import SMOOTHING, SvdTripletLayer, update_smoothed_importance
 from rankwise.errors import RankwiseError
+from rankwise.options import Option
 
 # lambda of the reserve components under advance learning: non-zero so P_i, Q_i get a gradient.
 RESERVE_VALUE = 1e-5
@@ -71,40 +67,39 @@ RESERVE_VALUE = 1e-5
     family="dynamic_rank",
     paper="IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
     arxiv="2308.12043",
+    supports=("linear",),
 )
 class IncreLoraLayer(SvdTripletLayer):
     """SVD-form update whose rank grows, by importance, up to the capacity ``rank``."""
 
     OPTIONS = {
-        "init_r": 1,
-        "target_r": None,
-        "incre_rank": None,
-        "top_h": None,
-        "init_warmup": 0,
-        "incre_interval": 10,
-        "beta1": 0.85,
-        "beta2": 0.85,
-        "advance_learning": True,
+        "init_r": Option(1, int, low=1, help="active components per layer at the start (at most rank)"),
+        "target_r": Option(
+            None, int, low=1, nullable=True,
+            help="average rank per layer the budget grows to (in [init_r, rank]); None = max(init_r, rank // 2)",
+        ),
+        "incre_rank": Option(None, int, low=1, nullable=True,
+                             help="components a selected layer gains (at most rank); None = max(1, target_r // 2)"),
+        "top_h": Option(
+            None, int, low=1, nullable=True, help="layers that grow per allocation; None = a quarter of the layers"
+        ),
+        "init_warmup": Option(0, int, low=0, help="steps before the first allocation"),
+        "incre_interval": Option(10, int, low=1, help="steps between allocations"),
+        "beta1": SMOOTHING,
+        "beta2": SMOOTHING,
+        "advance_learning": Option(True, bool, help="train the next components ahead of their activation"),
     }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        check_int(self, "init_r", 1, self.rank)
         if self.options["target_r"] is None:
             self.options["target_r"] = max(self.options["init_r"], self.rank // 2)
-        check_int(self, "target_r", self.options["init_r"], self.rank)
         if self.options["incre_rank"] is None:
             # The authors' release adds target_r / 2 components per selected layer.
             self.options["incre_rank"] = max(1, self.options["target_r"] // 2)
-        check_int(self, "incre_rank", 1, self.rank)
-        if self.options["top_h"] is not None:
-            check_int(self, "top_h", 1)
-        check_int(self, "init_warmup", 0)
-        check_int(self, "incre_interval", 1)
-        check_unit_interval(self, "beta1")
-        check_unit_interval(self, "beta2")
-        if not isinstance(self.options["advance_learning"], bool):
-            raise self.error(f"advance_learning must be True or False, got {self.options['advance_learning']!r}")
+        for name, low in (("init_r", 1), ("target_r", self.options["init_r"]), ("incre_rank", 1)):
+            if not low <= self.options[name] <= self.rank:
+                raise self.error(f"{name} must be in [{low}, rank={self.rank}], got {self.options[name]}")
         init_r, incre_rank = self.options["init_r"], self.options["incre_rank"]
         if self.options["target_r"] > init_r and init_r + incre_rank > self.rank:
             raise self.error(

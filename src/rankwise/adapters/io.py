@@ -39,7 +39,7 @@ from rankwise.adapters.api import (
     refuse_adapted,
     rewrite_bases,
 )
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS, RANK, AdapterLayer
 from rankwise.errors import RankwiseError
 from rankwise.files import read_json_object
 
@@ -129,8 +129,7 @@ def _check_base(base_model: nn.Module, modules: dict[str, Any]) -> dict[str, nn.
         except AttributeError:
             raise RankwiseError(f"the base model has no module {name!r}; load the adapter onto the model it was "
                                 "trained on") from None
-        if isinstance(entry["rank"], bool) or not isinstance(entry["rank"], int):
-            raise RankwiseError(f"adapter for {name!r} has rank {entry['rank']!r}, not an integer; re-save the adapter")
+        RANK.check("rank", entry["rank"], f"adapter for {name!r} (re-save it)")
         if not isinstance(module, nn.Linear):
             raise RankwiseError(f"module {name!r} of the base model is a {type(module).__name__}, not nn.Linear")
         shape = [module.out_features, module.in_features]

@@ -41,6 +41,7 @@ from torch import nn
 from rankwise.adapters.base import ADAPTERS
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype
 from rankwise.linalg.decompositions import ldu
+from rankwise.options import Option
 
 
 @ADAPTERS.register(
@@ -48,16 +49,19 @@ from rankwise.linalg.decompositions import ldu
     family="svd_init",
     paper="LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning",
     arxiv="2410.13618",
+    supports=("linear",),
 )
 class LolduLayer(FactoredRewriteLayer):
     """``W_res x + sigma P L_r diag(z) U_r x``; trainable ``z`` (r) and, by default, ``sigma``."""
 
-    OPTIONS = {"train_scaling": True}
+    OPTIONS = {
+        "train_scaling": Option(
+            True, bool, help="train the scalar sigma too (False: only the diagonal, as the authors' code)"
+        )
+    }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        if not isinstance(self.options["train_scaling"], bool):
-            raise self.error(f"train_scaling must be True or False, got {self.options['train_scaling']!r}")
         self.diagonal = nn.Parameter(torch.empty(self.rank, **self.factory))
         scaling = torch.empty((), **self.factory)
         if self.options["train_scaling"]:

@@ -7,7 +7,7 @@ are a different method, LoRA-MGPO).
 Formula implemented
 -------------------
 The layer is LoRA (``W' = W + s B A``, ``A`` kaiming-uniform, ``B = 0``; see
-:mod:`rankwise.adapters.lora`). Training minimises the expected loss under a random perturbation
+:class:`rankwise.adapters.lora_family.StandardLoraLayer`). Training minimises the expected loss under a random perturbation
 of the merged weight (the Flat-LoRA objective the paper builds on)::
 
     min_{A,B}  E_{eps ~ N(0, Sigma)}  L(W + s B A + eps)
@@ -56,8 +56,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.lora import LoraLayer
+from rankwise.adapters.lora_family import StandardLoraLayer
 from rankwise.errors import RankwiseError
+from rankwise.options import Option
 
 
 @ADAPTERS.register(
@@ -65,19 +66,19 @@ from rankwise.errors import RankwiseError
     family="training_time",
     paper="LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via Gradient-Guided Perturbation Optimization",
     arxiv="2502.14538",
+    supports=("linear",),
 )
-class LoraGgpoLayer(LoraLayer):
+class LoraGgpoLayer(StandardLoraLayer):
     """LoRA whose training forward adds ``x eps^T``, ``eps`` row-wise Gaussian with variance
     ``sigma^2/n (||W'_i||^2 + beta ||grad W'_i||^2)``; identical to LoRA in eval mode."""
 
-    OPTIONS = {"sigma": 0.03, "beta": 0.01}
+    OPTIONS = {
+        "sigma": Option(0.03, float, low=0, help="overall perturbation scale sigma (0 = plain LoRA training)"),
+        "beta": Option(0.01, float, low=0, help="weight beta of the gradient row norms in the variance"),
+    }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        for key in ("sigma", "beta"):
-            value = self.options[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise self.error(f"{key} must be a non-negative number, got {value!r}")
         # ||grad W'_{i,:}||^2 of the last completed step; training state, not saved with the adapter
         self.register_buffer(
             "gradient_row_norms_sq",

@@ -10,16 +10,17 @@ LoRA (``h = W x + s B A x``, ``A`` kaiming-uniform, ``B = 0``, so identity at in
 ones whose equivalent update ``s (B g_A + g_B A)`` best approximates the full gradient.
 
 Design: the method is registered here as well so that ``"lora_pro" in rankwise.methods()``
-and a set-up names it like any adapter; the class attribute ``training_optimizer =
-"lora_pro"`` tells the bench / CLI which optimizer trains it (``rankwise.optim.build(model,
-layer.training_optimizer, lr=...)``). Trained with plain AdamW it is plain LoRA. Saved
-adapters, merges and PEFT exports are LoRA's.
+and a set-up names it like any adapter; the hook ``training_optimizer = "lora_pro"``
+(declared on :class:`~rankwise.adapters.base.AdapterLayer`, None for other methods) tells the
+bench / CLI which optimizer trains it (``rankwise.optim.build(model, layer.training_optimizer,
+lr=...)``). Trained with plain AdamW it is plain LoRA. Saved adapters, merges and PEFT
+exports are LoRA's (:class:`~rankwise.adapters.lora_family.StandardLoraLayer`).
 """
 
 from __future__ import annotations
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.lora import LoraLayer
+from rankwise.adapters.lora_family import StandardLoraLayer
 
 
 @ADAPTERS.register(
@@ -27,9 +28,9 @@ from rankwise.adapters.lora import LoraLayer
     family="training_time",
     paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
     arxiv="2407.18242",
+    supports=("linear",),
 )
-class LoraProLayer(LoraLayer):
+class LoraProLayer(StandardLoraLayer):
     """LoRA (same tensors, init and forward) whose intended optimizer is ``lora_pro``."""
 
-    #: the rankwise.optim name of the optimizer that implements the method
     training_optimizer = "lora_pro"

@@ -40,6 +40,7 @@ from rankwise.linalg.decompositions import signed_qr
     family="svd_init",
     paper="OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
     arxiv="2406.01775",
+    supports=("linear",),
 )
 class OloraLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B, A`` the first r columns / rows of ``Q, R`` of ``W = QR``."""

@@ -35,10 +35,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter, principal_triplets
+from rankwise.adapters.rewrite import LoraRewriteLayer, principal_triplets
+from rankwise.common_options import NITER
 
 
 @ADAPTERS.register(
@@ -46,15 +45,12 @@ from rankwise.adapters.rewrite import LoraRewriteLayer, check_niter, principal_t
     family="svd_init",
     paper="PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
     arxiv="2404.02948",
+    supports=("linear",),
 )
 class PissaLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B A`` initialised to the principal rank-r part of ``W``."""
 
-    OPTIONS = {"niter": None}
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
-        super().__init__(base, rank, alpha, **options)
-        check_niter(self)
+    OPTIONS = {"niter": NITER}
 
     def initialize(self, stats: Any = None) -> None:
         u, s, vh = principal_triplets(self)

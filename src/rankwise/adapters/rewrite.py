@@ -3,8 +3,10 @@
 A :class:`FactoredRewriteLayer` starts from factors of the weight (SVD, QR, LDU, ...) and
 subtracts their initial product from the base, so the output at init equals the base
 model's; the initial factors stay as buffers so a saved adapter turns a fresh base into the
-same residual on load and exports can reconstruct the original ``W``.
-:class:`LoraRewriteLayer` is the LoRA-shaped case (PiSSA, OLoRA, CorDA, LoRA-GA).
+same residual on load and exports can reconstruct the original ``W`` (LoLDU, SORSA, SVFit).
+:class:`LoraRewriteLayer` is the LoRA-shaped case (PiSSA, OLoRA, CorDA, LoRA-GA): trainable
+``lora_A`` / ``lora_B`` (:class:`~rankwise.adapters.lora_family.LoraShapedLayer`) starting at
+the buffers ``A0`` / ``B0``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import AdapterLayer, LoraParameters
+from rankwise.adapters.base import AdapterLayer
+from rankwise.adapters.lora_family import LoraShapedLayer
 from rankwise.linalg import SVDFailure, truncated_svd
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -69,16 +72,6 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-def check_niter(layer: AdapterLayer) -> None:
-    """The ``niter`` option: None (exact SVD) or a non-negative integer (randomized SVD)."""
-    niter = layer.options["niter"]
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-        raise layer.error(
-            f"niter must be None (exact SVD) or a non-negative integer (randomized SVD with that many "
-            f"power iterations, e.g. 4), got {niter!r}"
-        )
-
-
 def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` ``U_r, S_r, Vh_r`` of the layer's weight in float32, on its device."""
     try:
@@ -87,18 +80,16 @@ def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor,
         raise layer.error(f"cannot take the SVD of the weight ({exc}); check the model's weights") from None
 
 
-class LoraRewriteLayer(FactoredRewriteLayer):
+class LoraRewriteLayer(LoraShapedLayer):
     """LoRA-shaped rewrite: trainable ``lora_A`` (r x in) and ``lora_B`` (out x r) start at the
-    buffers ``A0`` / ``B0``; the update is ``s B A`` with ``s = alpha / r``. Subclasses compute
-    the initial factors in :meth:`initialize` and hand them to :meth:`start_from`."""
+    buffers ``A0`` / ``B0``; the update is ``s B A`` with ``s = alpha / r`` and the base offset
+    ``s B0 A0``. Subclasses compute the initial factors in :meth:`initialize` and hand them to
+    :meth:`start_from`."""
 
-    output_factor_names = ("lora_B",)  # the B factor LoRA+ gives its own learning rate
+    rewrites_base = True
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        self.scaling = self.alpha / self.rank
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **self.factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
         self.register_buffer("A0", torch.empty(self.rank, self.in_features, **self.factory))
         self.register_buffer("B0", torch.empty(self.out_features, self.rank, **self.factory))
 
@@ -110,11 +101,11 @@ class LoraRewriteLayer(FactoredRewriteLayer):
             self.lora_A.copy_(self.A0)
             self.lora_B.copy_(self.B0)
 
-    def lora_parameters(self) -> LoraParameters:
-        return LoraParameters(self.lora_A, self.lora_B, self.scaling)
+    def base_offset(self) -> torch.Tensor:
+        """``s B0 A0`` in float32 (the residual ``W - offset`` is then rounded once, to the weight's dtype)."""
+        up, down = self.base_offset_factors()
+        return up @ down
 
-    def update_factors(self, dtype: torch.dtype | None = None) -> Factors:
-        return self.scaling * as_dtype(self.lora_B, dtype), as_dtype(self.lora_A, dtype)
-
-    def initial_factors(self, dtype: torch.dtype | None = None) -> Factors:
-        return self.scaling * as_dtype(self.B0, dtype), as_dtype(self.A0, dtype)
+    def base_offset_factors(self) -> Factors:
+        """``(s B0, A0)`` in float32."""
+        return self.scaling * self.B0.float(), self.A0.float()

@@ -17,26 +17,39 @@ penalty ``lambda ||g||_1`` (paper eq. for the gate update):
 with ``eta_t`` the current learning rate of the optimizer group holding ``g`` and ``lambda`` the
 option ``sparse_lambda``. Gates that reach exactly 0 prune their rank: ``effective_rank()``
 counts the non-zero gates, and :meth:`SoraLayer.lora_factors` drops the pruned ranks.
+The factors ``A``, ``B`` and their scaling are the LoRA family's
+(:class:`~rankwise.adapters.lora_family.LoraFactorsLayer`).
 
-Deviations: the paper writes the gate update as a proximal *SGD* step,
-``T_{eta_t lambda}(g - eta_t grad)``; here the gradient part is whatever optimizer trains the
-adapter (the authors' release also uses AdamW for it), followed by the paper's thresholding.
-The paper's optional sparsifying scheduler (raising ``lambda`` over training to trace a
-sparsity/accuracy path, its Algorithm 1) is not included: change ``sparse_lambda`` between runs.
+Deviations:
+
+- the paper writes the gate update as a proximal *SGD* step, ``T_{eta_t lambda}(g - eta_t
+  grad)``; here the gradient part is whatever optimizer trains the adapter (the authors'
+  release also uses AdamW for it), followed by the paper's thresholding;
+- threshold scaling: rankwise thresholds by ``eta_t * lambda``, the paper's proximal step, so
+  the threshold follows the learning-rate schedule. The authors' release (its ``SparseAdamW``)
+  instead thresholds by a constant ``xi`` (``sparse_lambda_2``, 1e-3 by default, 3e-4 in its
+  scripts) whatever the learning rate, and also adds ``sparse_lambda * mean |g|`` to the loss.
+  Its lr-scaled variant (``sparse_optimizer_multiply_lr.py``) is the paper's rule and this
+  module's. To reproduce a constant threshold ``xi`` under a constant learning rate ``eta``,
+  pass ``sparse_lambda = xi / eta``. (The release applies its threshold as three masked
+  assignments, which also zeroes gates in ``(xi, 2 xi)``; rankwise applies the exact
+  soft-threshold operator.)
+- the paper's optional sparsifying scheduler (raising ``lambda`` over training to trace a
+  sparsity/accuracy path, its Algorithm 1) is not included: change ``sparse_lambda`` between runs.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.adapters.adalora import refuse_merged
-from rankwise.adapters.api import adapter_layers
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.hooks import refuse_merged
+from rankwise.adapters.lora_family import LoraFactorsLayer
 from rankwise.errors import RankwiseError
+from rankwise.options import Option
 
 
 def soft_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -62,26 +75,20 @@ def _gate_learning_rates(optimizer: Any, layers: dict[str, SoraLayer]) -> dict[s
     family="dynamic_rank",
     paper="Sparse Low-rank Adaptation of Pre-trained Language Models",
     arxiv="2311.11696",
+    supports=("linear",),
 )
-class SoraLayer(AdapterLayer):
+class SoraLayer(LoraFactorsLayer):
     """``base(x) + s * B (g * (A x))`` with the gate ``g`` sparsified by soft-thresholding."""
 
-    OPTIONS = {"sparse_lambda": 0.1}
+    OPTIONS = {"sparse_lambda": Option(0.1, float, low=0, help="L1 strength lambda; threshold per step = lr * lambda")}
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        strength = self.options["sparse_lambda"]
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
-            raise self.error(f"sparse_lambda must be a number >= 0, got {strength!r}")
-        self.scaling = self.alpha / self.rank
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **self.factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
         self.gate = nn.Parameter(torch.empty(self.rank, **self.factory))
 
     def initialize(self, stats: Any = None) -> None:
+        self.reset_lora_factors()
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
             nn.init.normal_(self.gate)
 
     def delta_weight(self) -> torch.Tensor:
@@ -110,11 +117,4 @@ class SoraLayer(AdapterLayer):
         refuse_merged(layers, "sora")
         rates = _gate_learning_rates(optimizer, layers)
         for name, layer in layers.items():
-            layer.proximal_step(rates[name] * float(layer.options["sparse_lambda"]))
-
-
-def effective_ranks(model: nn.Module) -> dict[str, int]:
-    """``{module name: effective rank}`` of every adapter layer that reports one
-    (SoRA: non-zero gates; AdaLoRA / IncreLoRA: non-zero singular values)."""
-    layers = adapter_layers(model).items()
-    return {name: layer.effective_rank() for name, layer in layers if hasattr(layer, "effective_rank")}
+            layer.proximal_step(rates[name] * layer.options["sparse_lambda"])

@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
+from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
+from rankwise.common_options import NITER
+from rankwise.options import Option
 
 
 @ADAPTERS.register(
@@ -47,19 +49,19 @@ from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, c
     family="svd_init",
     paper="SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of Large Language Models",
     arxiv="2409.00055",
+    supports=("linear",),
 )
 class SorsaLayer(FactoredRewriteLayer):
     """``W_res x + s U_p diag(S_p) V_p^T x`` with all three principal factors trainable."""
 
-    OPTIONS = {"gamma": 4e-4, "niter": None}
+    OPTIONS = {
+        "gamma": Option(4e-4, float, low=0, help="weight of the orthonormal regulariser (0 disables it)"),
+        "niter": NITER,
+    }
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        check_niter(self)
-        gamma = self.options["gamma"]
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise self.error(f"gamma (the orthonormal regulariser's weight) must be a number >= 0, got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = self.options["gamma"]
         self.scaling = self.alpha / self.rank
         self.U_p = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
         self.S_p = nn.Parameter(torch.empty(self.rank, **self.factory))

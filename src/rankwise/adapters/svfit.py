@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS
-from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, check_niter, principal_triplets
+from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
+from rankwise.common_options import NITER
 
 
 @ADAPTERS.register(
@@ -42,15 +43,15 @@ from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, c
     family="svd_init",
     paper="SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
     arxiv="2409.05926",
+    supports=("linear",),
 )
 class SvfitLayer(FactoredRewriteLayer):
     """``W_e x + s U_r diag(sigma) V_r^T x`` with only the r singular values ``sigma`` trainable."""
 
-    OPTIONS = {"niter": None}
+    OPTIONS = {"niter": NITER}
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
-        check_niter(self)
         self.scaling = self.alpha / self.rank
         self.singular_values = nn.Parameter(torch.empty(self.rank, **self.factory))
         self.register_buffer("U_r", torch.empty(self.out_features, self.rank, **self.factory))
