@@ -222,6 +222,19 @@ def test_svd_error_on_real_minilm_layer(minilm_once):
     assert sum(isinstance(m, FactorizedLinear) for m in minilm.modules()) == 1
 
 
+def test_randomized_svd_is_seeded_and_is_not_the_exact_svd():
+    weight = matrix_with_spectrum([10.0 * 0.7**i for i in range(30)], 60, 30)
+
+    def factors(**options):
+        layer = compress(single_layer(weight), "svd", ratio=0.4, **options)[0]
+        return torch.cat([layer.up.weight.detach().flatten(), layer.down.weight.detach().flatten()])
+
+    first, again, other_seed, exact = factors(niter=2, seed=1), factors(niter=2, seed=1), factors(niter=2, seed=2), factors()
+    assert torch.equal(first, again)
+    # a different sketch or the exact SVD differ beyond float64 rounding
+    assert (first - other_seed).abs().max() > 1e-9 and (first - exact).abs().max() > 1e-9
+
+
 # ---------------------------------------------------------------- the ratio contract
 
 
