@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from rankwise.bench.suites import SUITES
 from rankwise.errors import RankwiseError
 
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="train set-ups side by side and compare them")
     bench.add_argument("--suite", default=None,
-                       help="comma-separated suites (pretrain, finetune, optim); a named suite runs all its set-ups "
+                       help=f"comma-separated suites ({', '.join(SUITES)}); a named suite runs all its set-ups "
                             "(default: pretrain,finetune with their default set-ups)")
     bench.add_argument("--preset", default="quick", help="quick (default, minutes) or full (longer, larger)")
     bench.add_argument("--setups", default=None, help="comma-separated set-up names to run")
