@@ -1,4 +1,4 @@
-"""Spectral diagnostics: known answers on constructed matrices, real vs random weights."""
+"""Spectral diagnostics: the registry's table of known answers, constructed matrices, real vs random weights."""
 
 from __future__ import annotations
 
@@ -10,25 +10,66 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import rankwise.analyze
+from cases import collect
+from cases.analyze_ranks_norms import SPREAD, rankme, with_spectrum
 from rankwise.analyze import (
+    DIAGNOSTICS,
     effective_rank,
     effective_rank_of_spectrum,
+    method_options,
     model_report,
     spectrum,
     stable_rank,
     stable_rank_of_spectrum,
 )
-from rankwise.analyze.ranks import RANKME_EPS
 from rankwise.compress import compress
 from rankwise.errors import RankwiseError
 from rankwise.nn import FactorizedLinear
 
+CASES = collect("analyze_")
+cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 
-def rankme(singular_values: list[float]) -> float:
-    """The RankMe formula written out in plain Python floats."""
-    total = sum(singular_values)
-    p = [s / total + RANKME_EPS for s in singular_values]
-    return math.exp(-sum(q * math.log(q) for q in p))
+
+def one_layer(weight: torch.Tensor) -> nn.Sequential:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return nn.Sequential(layer)
+
+
+# ----- the table: every registered diagnostic, known answers --------------------------------
+
+
+def test_every_registered_diagnostic_has_a_row():
+    missing = set(DIAGNOSTICS.names()) - {c.diagnostic for c in CASES}
+    assert not missing, f"registered diagnostics without a row in tests/cases/analyze_*.py: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", DIAGNOSTICS.names())
+def test_every_diagnostic_is_a_public_function_without_options_of_its_own(name):
+    # model_report's column, the registry name and rankwise.analyze.<name> are one thing
+    assert callable(getattr(rankwise.analyze, name))
+    assert method_options(name) == {}
+    with pytest.raises(RankwiseError, match=rf"diagnostic '{name}': unknown option\(s\) eps"):
+        DIAGNOSTICS.get(name)(method=name, eps=1e-3)
+
+
+@cases
+def test_known_answer_through_the_registry_and_the_public_function(case):
+    matrix = case.matrix()
+    measured = DIAGNOSTICS.get(case.diagnostic)().measure(matrix, spectrum(matrix))
+    assert measured == pytest.approx(case.expected, rel=case.rel, abs=case.abs)
+    assert getattr(rankwise.analyze, case.diagnostic)(matrix) == pytest.approx(case.expected, rel=case.rel, abs=case.abs)
+
+
+@cases
+def test_model_report_gives_the_known_answer(case):
+    matrix = case.matrix()
+    (row,) = model_report(one_layer(matrix), diagnostics=[case.diagnostic])
+    assert row["name"] == "0" and row["shape"] == tuple(matrix.shape) and row["rank"] == min(matrix.shape)
+    assert set(row) == {"name", "shape", "rank", case.diagnostic}
+    assert row[case.diagnostic] == pytest.approx(case.expected, rel=case.rel, abs=case.abs)
 
 
 @pytest.mark.parametrize("n", [1, 4, 16, 64])
@@ -38,24 +79,7 @@ def test_identity(n):
     assert effective_rank(eye) == pytest.approx(rankme([1.0] * n), rel=1e-9)
     assert effective_rank(eye) == pytest.approx(n, abs=1e-4 * n)
     assert stable_rank(eye) == pytest.approx(n, rel=1e-6)
-
-
-def test_rank_one_matrix():
-    u, v = torch.randn(12, 1, dtype=torch.float64), torch.randn(1, 7, dtype=torch.float64)
-    w = u @ v
-    assert stable_rank(w) == pytest.approx(1.0, rel=1e-9)
-    # six zero singular values each add about -1e-7 log(1e-7)
-    assert effective_rank(w) == pytest.approx(1.0, abs=1e-4)
-    assert effective_rank(w) == pytest.approx(rankme([spectrum(w)[0].item()] + [0.0] * 6), rel=1e-6)
-
-
-def test_diag_3_4():
-    w = torch.diag(torch.tensor([3.0, 4.0]))
-    assert spectrum(w).tolist() == [4.0, 3.0]
-    assert stable_rank(w) == pytest.approx(25 / 16, rel=1e-7)
-    p = torch.tensor([4 / 7, 3 / 7], dtype=torch.float64) + RANKME_EPS
-    assert effective_rank(w) == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-7)
-    assert 1 < effective_rank(w) < 2
+    assert spectrum(torch.diag(torch.tensor([3.0, 4.0]))).tolist() == [4.0, 3.0]
 
 
 def test_constructed_spectrum_is_recovered_descending_fp32():
@@ -116,21 +140,38 @@ def test_trained_minilm_layers_are_far_from_random(minilm):
         assert stable_rank_of_spectrum(gaussian_s) == pytest.approx(edge, rel=0.15)
 
 
-def test_model_report_dense_and_factorized(llama):
-    rows = model_report(llama)
-    names = [n for n, m in llama.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    assert [r["name"] for r in rows] == names
-    first = rows[0]
-    weight = llama.get_submodule(first["name"]).weight
-    assert first["shape"] == tuple(weight.shape) and first["rank"] == min(weight.shape)
-    assert first["stable_rank"] == pytest.approx(stable_rank(weight), rel=1e-6)
-    assert first["effective_rank"] == pytest.approx(effective_rank(weight), rel=1e-6)
-    assert first["frobenius_norm"] == pytest.approx(weight.norm().item(), rel=1e-5)
-    assert first["spectral_norm"] == pytest.approx(spectrum(weight)[0].item(), rel=1e-6)
+def test_model_report_reports_every_diagnostic_per_layer_with_known_values():
+    """Two layers with constructed spectra, one dense and one factorised: every column known."""
+    model = nn.Sequential(nn.Linear(6, 10, bias=False, dtype=torch.float64), nn.Linear(10, 10, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].weight.copy_(with_spectrum(SPREAD, 10, 6))
+        model[1].weight.copy_(with_spectrum([3.0, 1.0], 10, 10, seed=2))
+    compress(model, "svd", ratio=0.45, targets=["1"])  # rank floor(0.45 * 100 / 20) = 2 keeps the whole spectrum
+    rows = model_report(model)
+    assert [(r["name"], r["shape"], r["rank"]) for r in rows] == [("0", (10, 6), 6), ("1", (10, 10), 2)]
+    expected = [
+        {"effective_rank": rankme(SPREAD + [0.0, 0.0]), "stable_rank": (81 + 25 + 4 + 0.25) / 81,
+         "spectral_norm": 9.0, "frobenius_norm": math.sqrt(81 + 25 + 4 + 0.25)},
+        {"effective_rank": rankme([3.0, 1.0] + [0.0] * 8), "stable_rank": 10 / 9, "spectral_norm": 3.0,
+         "frobenius_norm": math.sqrt(10)},
+    ]
+    # The dense float64 layer is exact to rounding. The factorised one is reported through its
+    # product, formed in float32: its eight null singular values come out near 1e-7 * sigma_1
+    # instead of 0, the size of RankMe's epsilon, which moves the effective rank by ~1e-6.
+    tolerances = [1e-9, 1e-5]
+    for row, values, rel in zip(rows, expected, tolerances):
+        assert set(row) == {"name", "shape", "rank", *DIAGNOSTICS.names()}
+        assert {k: row[k] for k in values} == pytest.approx(values, rel=rel)
 
+
+def test_model_report_selects_layers_and_refuses_bad_requests(llama):
+    names = [n for n, m in llama.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert [r["name"] for r in model_report(llama)] == names
     compress(llama, "svd", ratio=0.3)
-    after = model_report(llama, targets=["q_proj"])
+    after = model_report(llama, targets=["q_proj"], diagnostics=["stable_rank"])
     assert [r["name"] for r in after] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
-    assert after[0]["rank"] == 4 and after[0]["effective_rank"] <= 4 + 1e-3
+    assert after[0]["rank"] == 4 and set(after[0]) == {"name", "shape", "rank", "stable_rank"}
     with pytest.raises(RankwiseError, match="matched no"):
         model_report(llama, targets=["nothing"])
+    with pytest.raises(RankwiseError, match="unknown diagnostic 'rankme'; known: effective_rank"):
+        model_report(llama, diagnostics=["rankme"])

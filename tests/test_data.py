@@ -224,10 +224,15 @@ def test_eval_batches_are_fixed_spread_non_overlapping_windows():
         eval_batches(tokens, batch_size=2, seq_len=10, max_batches=0)
 
 
-def test_embedded_data_shapes(rankwise_cache):
+def test_embedded_data_trains_on_the_train_part_and_validates_on_the_held_out_part(rankwise_cache):
     train, validation = embedded_data("finetune", batch_size=3, seq_len=32, seed=1, eval_batches=2)
-    assert next(train)["input_ids"].shape == (3, 32)
-    assert len(validation) == 2 and validation[0]["input_ids"].shape == (3, 32)
+    tokenizer = get_tokenizer()
+    train_stream = encode_documents(load_corpus("finetune", "train"), tokenizer)
+    val_stream = encode_documents(load_corpus("finetune", "validation"), tokenizer)
+    expected_validation = eval_batches(val_stream, batch_size=3, seq_len=32, max_batches=2)
+    assert len(validation) == 2
+    assert all(torch.equal(got["input_ids"], want["input_ids"]) for got, want in zip(validation, expected_validation))
+    assert torch.equal(next(train)["input_ids"], next(TokenBatches(train_stream, batch_size=3, seq_len=32, seed=1))["input_ids"])
 
 
 # ---------------------------------------------------------------- models

@@ -96,7 +96,7 @@ def prepared_optimizer(argv: list[str]):
     args = build_parser().parse_args(["pretrain", *argv])
     setup = _optim_setup(args, "cli", default_lr=1e-3)
     model = make_llama()
-    return model, prepare(setup, model, hidden_size=32, data_batches=None, steps=3)
+    return model, prepare(setup, model, hidden_size=32, data_batches=None, steps=3).optimizer
 
 
 def test_cli_optimizer_flags_reach_the_optimizer():

@@ -13,7 +13,7 @@ from conftest import make_batch, make_llama
 from rankwise.data.batches import TokenBatches, embedded_data
 from rankwise.data.models import build_model
 from rankwise.errors import RankwiseError
-from rankwise.training import MemoryTracker, TrainResult, cosine_schedule, evaluate, train
+from rankwise.training import MemoryTracker, TrainingHooks, TrainResult, cosine_schedule, evaluate, train
 
 # Single-threaded: fast and stable when other processes share the cores (see conftest).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,18 +134,51 @@ def test_history_logging_evaluation_and_progress():
     assert result_every.final_val_loss is None and result_every.final_val_ppl is None
 
 
-def test_loss_hook_adds_a_regulariser_and_is_recorded():
+class Shrink(TrainingHooks):
+    """A loss term ``weight * ||lm_head||_F^2``; records the head each time the loop asks for it."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.seen: list[torch.Tensor] = []
+
+    def loss_term(self, model):
+        self.seen.append(model.lm_head.weight.detach().clone())
+        return self.weight * model.lm_head.weight.pow(2).sum()
+
+
+class StepRecorder(TrainingHooks):
+    """No loss term (the default); records every after_step call and the head at that moment."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, object, torch.Tensor]] = []
+
+    def after_step(self, model, *, step, total_steps, optimizer):
+        self.calls.append((step, total_steps, optimizer, model.lm_head.weight.detach().clone()))
+
+
+def test_hooks_add_their_loss_terms_and_run_after_every_optimizer_step():
     model = make_llama()
     batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
-
-    def shrink(module):
-        return 0.5 * module.lm_head.weight.pow(2).sum()
-
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    first, second, recorder = Shrink(0.25), Shrink(0.25), StepRecorder()
     before = model.lm_head.weight.norm().item()
-    result = train(model, torch.optim.SGD(model.parameters(), lr=0.5), batches, steps=3, loss_hook=shrink)
-    assert "regularizer" in result.history[0]
+    result = train(model, optimizer, batches, steps=3, hooks=[first, recorder, second])
+    # the two terms are summed: 0.5 ||W||^2 at the first step
     assert result.history[0]["regularizer"] == pytest.approx(0.5 * before**2, rel=1e-5)
-    assert model.lm_head.weight.norm().item() < 0.5 * before  # each step multiplies it by ~(1 - 0.5)
+    # d/dW of 0.5 ||W||^2 is W: each SGD step multiplies the head by (1 - 0.5) plus the task gradient
+    assert model.lm_head.weight.norm().item() < 0.5 * before
+    assert [(step, total, opt) for step, total, opt, _ in recorder.calls] == [(1, 3, optimizer), (2, 3, optimizer), (3, 3, optimizer)]
+    # after_step sees the weights the step just wrote: the next loss term reads exactly them
+    for (_, _, _, after), next_seen in zip(recorder.calls, first.seen[1:]):
+        torch.testing.assert_close(after, next_seen, rtol=0, atol=0)
+    assert not torch.equal(recorder.calls[0][3], first.seen[0])
+
+
+def test_a_run_without_loss_terms_records_no_regularizer():
+    model = make_llama()
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16)
+    result = train(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, steps=2, hooks=[StepRecorder()])
+    assert all("regularizer" not in row for row in result.history)
 
 
 def test_non_finite_loss_names_the_step_and_stops_before_updating():
@@ -154,12 +187,13 @@ def test_non_finite_loss_names_the_step_and_stops_before_updating():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     snapshots = []
 
-    def explode_at_third_step(module):
-        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
-        return torch.tensor(float("nan")) if len(snapshots) == 3 else None
+    class ExplodeAtThirdStep(TrainingHooks):
+        def loss_term(self, module):
+            snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+            return torch.tensor(float("nan")) if len(snapshots) == 3 else None
 
     with pytest.raises(RankwiseError, match="at step 3"):
-        train(model, optimizer, batches, steps=5, loss_hook=explode_at_third_step)
+        train(model, optimizer, batches, steps=5, hooks=[ExplodeAtThirdStep()])
     assert all(torch.equal(v, snapshots[-1][k]) for k, v in model.state_dict().items())
     assert model.training is False  # mode restored (make_llama returns it in eval mode)
 

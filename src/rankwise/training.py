@@ -3,10 +3,16 @@
 Each step::
 
     optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss  (+ loss_hook(model), e.g. an orthonormality regulariser)
+    loss = model(**batch).loss + sum(hook.loss_term(model) for hook in hooks)
     loss.backward()
     clip_grad_norm_(max_grad_norm)       # only if max_grad_norm is given
-    optimizer.step(); scheduler.step()   # scheduler only if given
+    optimizer.step()
+    hook.after_step(model, step=..., total_steps=..., optimizer=...) for hook in hooks
+    scheduler.step()                     # only if given
+
+``hooks`` are :class:`TrainingHooks`: whatever a set-up installed that acts during training
+(an adapter method's regulariser or rank schedule, a parametrisation's restarts), whichever
+pillar it comes from; the loop knows nothing else about them.
 
 and it measures, the same way for every set-up:
 
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +47,7 @@ IGNORE_INDEX = -100
 @dataclass
 class TrainResult:
     """What :func:`train` measured. ``history`` rows: ``step``, ``train_loss``, ``lr`` and, where
-    evaluated, ``val_loss``; ``regularizer`` too when a ``loss_hook`` was given."""
+    evaluated, ``val_loss``; ``regularizer`` too (the summed hook loss terms) when a hook gave one."""
 
     history: list[dict] = field(default_factory=list)
     final_val_loss: float | None = None
@@ -49,6 +55,30 @@ class TrainResult:
     ms_per_step: float = 0.0
     peak_memory_mb: float = 0.0
     steps: int = 0
+
+
+class TrainingHooks:
+    """What a set-up asks of the training loop besides forward, backward and the optimizer step.
+
+    Both methods do nothing by default; a method overrides what it needs:
+
+    * ``loss_term(model)``: a tensor added to the task loss before backward, or None
+      (SORSA's orthonormal regulariser, AdaLoRA's orthogonality penalty);
+    * ``after_step(model, *, step, total_steps, optimizer)``: runs after each optimizer step,
+      ``step`` counting from 1 to ``total_steps`` (AdaLoRA / IncreLoRA budget schedules, SoRA's
+      proximal update, ReLoRA-style merge-and-restart).
+    """
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, *, step: int, total_steps: int, optimizer: Any) -> None:
+        return None
+
+
+def _loss_terms(hooks: Sequence[TrainingHooks], model: nn.Module) -> torch.Tensor | None:
+    terms = [term for term in (hook.loss_term(model) for hook in hooks) if term is not None]
+    return torch.stack([term.reshape(()) for term in terms]).sum() if terms else None
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
@@ -221,8 +251,7 @@ def train(
     eval_batches: list[dict] | None = None,
     eval_every: int | None = None,
     scheduler: Any = None,
-    loss_hook: Callable[[nn.Module], torch.Tensor | None] | None = None,
-    step_hook: Callable[[int], None] | None = None,
+    hooks: Sequence[TrainingHooks] = (),
     progress: Any = None,
     log_every: int | None = None,
     max_grad_norm: float | None = None,
@@ -231,10 +260,9 @@ def train(
 
     ``batches`` yields dicts the model accepts (``input_ids``, ``labels``, ...); they are moved
     to the model's device. ``eval_batches`` are evaluated every ``eval_every`` steps and always
-    after the last step (``final_val_loss``). ``loss_hook(model)`` returns a regulariser added to
-    the loss (or None); ``step_hook(step)`` runs after each optimizer step (schedules of
-    dynamic-rank adapters, see :func:`rankwise.adapters.after_step`). ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``) or a
-    callable ``(step, metrics)``. History rows are written every ``log_every`` steps (default:
+    after the last step (``final_val_loss``). Each of ``hooks`` adds its ``loss_term`` to the loss
+    and runs its ``after_step`` after each optimizer step (see :class:`TrainingHooks`).
+    ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``) or a callable ``(step, metrics)``. History rows are written every ``log_every`` steps (default:
     every step; ``train_loss`` is the mean since the previous row), at each evaluation and at
     the end. A non-finite loss raises :class:`RankwiseError` naming the step, before that step
     changes anything. The model is left in the mode it came in.
@@ -267,7 +295,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             with tracker.saving_activations() if tracker else contextlib.nullcontext():
                 loss = model(**batch).loss
-                regularizer = loss_hook(model) if loss_hook is not None else None
+                regularizer = _loss_terms(hooks, model)
                 total = loss if regularizer is None else loss + regularizer
             total_value = float(total.detach())
             if not math.isfinite(total_value):
@@ -285,8 +313,8 @@ def train(
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
-            if step_hook is not None:
-                step_hook(step)
+            for hook in hooks:
+                hook.after_step(model, step=step, total_steps=steps, optimizer=optimizer)
             if tracker:
                 tracker.sample()
             if scheduler is not None:

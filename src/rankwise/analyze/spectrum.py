@@ -39,3 +39,11 @@ def spectrum(matrix: MatrixLike) -> torch.Tensor:
     """Singular values of ``matrix``, descending, float32."""
     _, singular_values, _ = svd(as_matrix(matrix))
     return singular_values.float()
+
+
+def nonzero_spectrum(singular_values: torch.Tensor, what: str) -> torch.Tensor:
+    """``singular_values`` in float64, or RankwiseError when they are all zero (``what`` is undefined then)."""
+    singular_values = singular_values.double()
+    if singular_values.numel() == 0 or singular_values.max() <= 0:
+        raise RankwiseError(f"the {what} of an all-zero matrix is undefined; pass a non-zero matrix")
+    return singular_values

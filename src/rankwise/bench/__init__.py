@@ -28,7 +28,8 @@ PRESETS: dict[str, tuple[str, RunConfig, bool]] = {
 }
 
 #: suite -> (embedded corpus split, whether set-ups start from the cached base checkpoint)
-SUITE_WORKLOAD = {"pretrain": ("pretrain", False), "optim": ("pretrain", False), "finetune": ("finetune", True)}
+SUITE_WORKLOAD = {"pretrain": ("pretrain", False), "optim": ("pretrain", False), "finetune": ("finetune", True),
+                  "compress": ("pretrain", True)}
 
 
 def embedded_workload(

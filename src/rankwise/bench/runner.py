@@ -2,7 +2,9 @@
 
 Every set-up of a run starts from the same model (a fresh random init with the same seed
 for pretraining, the same base checkpoint for fine-tuning), sees the same batches in the
-same order, and is measured the same way (see :func:`rankwise.training.train`).
+same order, and is measured the same way (see :func:`rankwise.training.train`). What a set-up
+does to the model, and which optimizer and training-time hooks it brings, is
+:mod:`rankwise.bench.kinds`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from rankwise.bench.kinds import prepare
 from rankwise.bench.suites import SetUp
 from rankwise.data.batches import TokenBatches
-from rankwise.errors import RankwiseError
 from rankwise.training import cosine_schedule, train
 
 MB = 1024 * 1024
@@ -56,46 +58,6 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _adapter_data(setup: SetUp, batches: TokenBatches, count: int = 4) -> list[dict] | None:
-    from rankwise.adapters import ADAPTERS
-
-    if not ADAPTERS.get(setup.method).needs_data():
-        return None
-    return [next(batches) for _ in range(count)]
-
-
-def prepare(
-    setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches, steps: int
-) -> torch.optim.Optimizer:
-    """Apply ``setup`` to ``model`` in place and return the optimizer that trains it for ``steps``."""
-    options = setup.resolved_options(steps)
-    import rankwise
-    from rankwise import optim as rw_optim
-    from rankwise import pretrain
-
-    rank = setup.resolved_rank(hidden_size)
-    rank_kw = {} if rank is None else {"rank": rank}
-    if setup.kind == "full":
-        return torch.optim.AdamW(model.parameters(), lr=setup.lr)
-    if setup.kind == "optim":
-        return rw_optim.build(model, setup.method, lr=setup.lr, **rank_kw, **options)
-    if setup.kind == "reference":
-        from rankwise.bench.references import build_reference
-
-        return build_reference(model, setup.method, lr=setup.lr, **rank_kw, **options)
-    if setup.kind == "adapter":
-        rankwise.adapt(model, setup.method, **rank_kw, data=_adapter_data(setup, data_batches), **options)
-        # A method may name the optimizer its paper trains it with (LoRA-Pro); AdamW otherwise.
-        trainer = getattr(rankwise.adapters.ADAPTERS.get(setup.method), "training_optimizer", None)
-        if trainer is not None or setup.optimizer_options:
-            return rw_optim.build(model, trainer or "adamw", lr=setup.lr, **setup.optimizer_options)
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
-    if setup.kind == "parametrize":
-        pretrain.parametrize(model, setup.method, **rank_kw, **options)
-        return torch.optim.AdamW(model.parameters(), lr=setup.lr)
-    raise RankwiseError(f"set-up {setup.name!r} has unknown kind {setup.kind!r}")
-
-
 def _early_val_loss(history: list[dict[str, Any]], step: int) -> float | None:
     for record in history:
         if record["step"] >= step and "val_loss" in record:
@@ -128,17 +90,10 @@ def run_setup(
     model = workload.make_model().to(bench_device())
     batches = workload.batches(config)
     started = time.perf_counter()
-    optimizer = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches), config.steps)
+    prepared = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches), config.steps)
+    optimizer = prepared.optimizer
     init_seconds = time.perf_counter() - started
     scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
-    hooks = {}
-    if setup.kind == "adapter":
-        from rankwise.adapters import after_step, regularization_loss
-
-        hooks = {
-            "loss_hook": regularization_loss,
-            "step_hook": lambda step: after_step(model, step=step, total_steps=config.steps, optimizer=optimizer),
-        }
     result = train(
         model,
         optimizer,
@@ -148,7 +103,7 @@ def run_setup(
         eval_every=config.eval_every,
         scheduler=scheduler,
         progress=progress,
-        **hooks,
+        hooks=prepared.hooks,
     )
     row = {
         "setup": setup.name,

@@ -12,6 +12,9 @@ Suites:
   next to its reference package (kind ``reference``: galore-torch, fira, apollo-torch, built
   by :mod:`rankwise.bench.references` for the same set-up; skipped with a note when not
   installed).
+- ``compress``: from the cached base on the pretraining split: the base compressed at a ratio
+  then trained on (the recovery a compressed model gets), against the dense base trained the
+  same way.
 """
 
 from __future__ import annotations
@@ -20,10 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rankwise.errors import RankwiseError
-
-#: how a set-up changes the model / optimizer
-KINDS = ("full", "optim", "reference", "adapter", "parametrize")
-
 
 @dataclass(frozen=True)
 class StepFraction:
@@ -46,7 +45,9 @@ class SetUp:
     ``parametrize``: ``rankwise.pretrain.parametrize(method)`` then AdamW.
     ``reference``: a reference package's optimizer (``method`` names it in
     ``rankwise.bench.references.REFERENCES``) on the split ``optim`` uses.
+    ``compress``: ``rankwise.compress(method, ratio=ratio)`` then AdamW on every parameter.
     ``rank`` is in model-width units: ``rank_fraction`` of the hidden size when ``rank`` is None.
+    (``rankwise.bench.kinds.KINDS`` maps each kind to what it does.)
     """
 
     name: str
@@ -59,6 +60,8 @@ class SetUp:
     default: bool = True
     #: extra ``rankwise.optim.build`` arguments for adapter set-ups (LoRA+'s ``loraplus_lr_ratio``)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    #: compress set-ups: the fraction of the targeted layers' weights kept
+    ratio: float | None = None
 
     def resolved_options(self, steps: int) -> dict[str, Any]:
         return {k: v.resolve(steps) if isinstance(v, StepFraction) else v for k, v in self.options.items()}
@@ -125,6 +128,13 @@ SUITES: dict[str, list[SetUp]] = {
         SetUp("increlora (capacity 12)", "adapter", "increlora", lr=3e-3, rank=12,
               options={"init_r": 2, "target_r": 8, "incre_interval": 10}, default=False),
         SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
+    ],
+    # The base compressed then trained on the split it was pretrained on, next to the dense
+    # base trained the same way: what recovery training buys back at each ratio.
+    "compress": [
+        SetUp("dense base", "full", lr=3e-4),
+        SetUp("svd 80%", "compress", "svd", lr=3e-4, ratio=0.8),
+        SetUp("svd 50%", "compress", "svd", lr=3e-4, ratio=0.5),
     ],
 }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from rankwise.bench.report import format_table
 from rankwise.bench.runner import RunConfig, Workload, run_setup
 from rankwise.bench.suites import SetUp
+from rankwise.cli.methods import format_listing, listing, method_values
 from rankwise.cli.options import optim_options, parse_targets
 from rankwise.errors import RankwiseError
 
@@ -50,8 +51,16 @@ def _workload(args: argparse.Namespace, split: str, config: RunConfig, *, from_b
     return embedded_workload(split, args.preset, config, from_base=from_base, base_steps=args.base_steps)
 
 
-def _optim_setup(args: argparse.Namespace, name: str, default_lr: float) -> SetUp:
+def _optim_setup(args: argparse.Namespace, name: str, default_lr: float, *, method_args: bool = False) -> SetUp:
+    """The optimizer set-up of ``--optim`` and its flags; with ``method_args`` the optimizer is the
+    command's method and ``--method-args`` are its options too."""
     options = optim_options(args)
+    if method_args and args.method_args:
+        typed = method_values("optim", args.optim, args.method_args)
+        repeated = sorted(set(typed) & set(options))
+        if repeated:
+            raise RankwiseError(f"{', '.join(repeated)} given twice (--method-args and another optimizer flag); give it once")
+        options.update(typed)
     if args.optim == "adamw" and options == {"targets": "all-linear"}:
         return SetUp(name, "full", lr=args.lr or default_lr)
     rank_in_optim_args = options.pop("rank", None)
@@ -71,9 +80,11 @@ def _train_and_report(setup: SetUp, workload: Workload, config: RunConfig):
 def run_pretrain(args: argparse.Namespace) -> int:
     config = _run_config(args)
     if args.parametrize:
-        setup = SetUp(f"{args.parametrize}", "parametrize", args.parametrize, lr=args.lr or 3e-3, rank=args.rank)
+        options = method_values("pretrain", args.parametrize, args.method_args)
+        setup = SetUp(f"{args.parametrize}", "parametrize", args.parametrize, lr=args.lr or 3e-3, rank=args.rank,
+                      options=options)
     else:
-        setup = _optim_setup(args, f"pretrain {args.optim}", default_lr=3e-3)
+        setup = _optim_setup(args, f"pretrain {args.optim}", default_lr=3e-3, method_args=True)
     _, model = _train_and_report(setup, _workload(args, "pretrain", config, from_base=False), config)
     if args.out:
         model.save_pretrained(args.out, safe_serialization=True)
@@ -86,12 +97,12 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     config = _run_config(args)
     if args.method:
-        options = {"targets": parse_targets(args.targets)}
+        options = {**method_values("adapters", args.method, args.method_args), "targets": parse_targets(args.targets)}
         if args.alpha is not None:
             options["alpha"] = args.alpha
         setup = SetUp(args.method, "adapter", args.method, lr=args.lr or 3e-3, rank=args.rank or 8, options=options)
     else:
-        setup = _optim_setup(args, f"full fine-tuning {args.optim}", default_lr=3e-4)
+        setup = _optim_setup(args, f"full fine-tuning {args.optim}", default_lr=3e-4, method_args=True)
     _, model = _train_and_report(setup, _workload(args, "finetune", config, from_base=True), config)
     if args.out:
         if args.method:
@@ -109,6 +120,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from rankwise.compress import compress, save_compressed
     from rankwise.training import evaluate
 
+    options = method_values("compress", args.method, args.method_args)
     config = RunConfig(batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=8, seed=args.seed)
     # The base was pretrained on the code split: compression is judged on its held-out part.
     workload = _workload(args, "pretrain", config, from_base=True)
@@ -118,7 +130,7 @@ def run_compress(args: argparse.Namespace) -> int:
     params_before = sum(p.numel() for p in model.parameters())
     loss_before = evaluate(model, workload.eval_data)
     with torch.no_grad():
-        compress(model, args.method, ratio=args.ratio, data=calibration, targets=parse_targets(args.targets))
+        compress(model, args.method, ratio=args.ratio, data=calibration, targets=parse_targets(args.targets), **options)
     params_after = sum(p.numel() for p in model.parameters())
     loss_after = evaluate(model, workload.eval_data)
     print(f"{args.method} at ratio {args.ratio}: parameters {params_before:,} -> {params_after:,} "
@@ -128,4 +140,12 @@ def run_compress(args: argparse.Namespace) -> int:
     if args.out:
         save_compressed(model, Path(args.out))
         print(f"saved the compressed model to {args.out}")
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    rows = listing(args.pillar, args.pattern)
+    if not rows:
+        raise RankwiseError(f"no method matches {args.pattern!r}" + (f" in {args.pillar}" if args.pillar else ""))
+    print(format_listing(rows))
     return 0

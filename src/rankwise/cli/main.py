@@ -1,8 +1,9 @@
-"""``rankwise`` command: bench, pretrain, finetune, compress.
+"""``rankwise`` command: bench, pretrain, finetune, compress, methods.
 
-Every command runs on the embedded default (corpus, tokenizer, tiny/small LLaMA, cached
-base checkpoint) or on ``--model DIR`` (a Hugging Face model directory) with ``--data``
-text / JSONL files.
+Every training command runs on the embedded default (corpus, tokenizer, tiny/small LLaMA,
+cached base checkpoint) or on ``--model DIR`` (a Hugging Face model directory) with
+``--data`` text / JSONL files. A command that takes a method documents it with
+``--help-method NAME`` and passes it options with ``--method-args k=v,...``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from rankwise.bench.suites import SUITES
 from rankwise.errors import RankwiseError
 
 
@@ -43,13 +45,24 @@ def _add_optim_arguments(parser: argparse.ArgumentParser, default: str) -> None:
                              "the step uses their summed gradient)")
 
 
+def _add_method_arguments(parser: argparse.ArgumentParser, pillars: tuple[str, ...], method_flags: str,
+                          args_flag: dict[str, str]) -> None:
+    from rankwise.cli.methods import HelpMethod
+
+    parser.add_argument("--help-method", metavar="NAME", action=HelpMethod, pillars=pillars, args_flag=args_flag,
+                        help=f"list the options of method NAME ({' or '.join(pillars)}) with defaults, then exit")
+    parser.add_argument("--method-args", default=None, metavar="K=V,...",
+                        help=f"options of the method ({method_flags}), checked against its declarations; "
+                             "see --help-method")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="train set-ups side by side and compare them")
     bench.add_argument("--suite", default=None,
-                       help="comma-separated suites (pretrain, finetune, optim); a named suite runs all its set-ups "
+                       help=f"comma-separated suites ({', '.join(SUITES)}); a named suite runs all its set-ups "
                             "(default: pretrain,finetune with their default set-ups)")
     bench.add_argument("--preset", default="quick", help="quick (default, minutes) or full (longer, larger)")
     bench.add_argument("--setups", default=None, help="comma-separated set-up names to run")
@@ -65,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(pretrain, steps=300)
     _add_optim_arguments(pretrain, default="adamw")
     pretrain.add_argument("--parametrize", default=None, help="e.g. lowrank (rankwise.pretrain names)")
+    _add_method_arguments(pretrain, ("pretrain", "optim"), "--parametrize, else --optim",
+                          {"pretrain": "--method-args k=v,...",
+                           "optim": "--optim-args k=v,...; also --method-args when there is no --parametrize"})
 
     finetune = sub.add_parser("finetune", help="fine-tune the base model with an adapter or an optimizer")
     _add_run_arguments(finetune, steps=200)
@@ -72,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--method", default=None, help="adapter method (rankwise.methods()); omit for full fine-tuning")
     finetune.add_argument("--alpha", type=float, default=None)
     finetune.add_argument("--targets", default="all-linear", help="adapter targets: all-linear, suffixes, re:<regex>")
+    _add_method_arguments(finetune, ("adapters", "optim"), "--method, else --optim",
+                          {"adapters": "--method-args k=v,...",
+                           "optim": "--optim-args k=v,...; also --method-args when there is no --method"})
 
     compress = sub.add_parser("compress", help="factorise a trained model's Linear layers")
     compress.add_argument("--model", default=None, help="HF model directory (default: the embedded base)")
@@ -85,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", default=None)
     compress.add_argument("--base-steps", type=int, default=None, help="pretraining steps of the cached base")
     compress.add_argument("--seed", type=int, default=0)
+    _add_method_arguments(compress, ("compress",), "--method", {"compress": "--method-args k=v,..."})
+
+    methods = sub.add_parser("methods", help="list every pillar's methods with family and paper")
+    methods.add_argument("pattern", nargs="?", default=None, help="shell-style name pattern, e.g. 'lora*'")
+    methods.add_argument("--pillar", default=None, help="adapters, optim, pretrain, compress or analyze")
     return parser
 
 

@@ -15,8 +15,11 @@ requested one; :func:`plan_ranks` computes it and ``compress`` reports it (log l
 (``rho < (m + n) / (m n)``) the request cannot be met and is refused.
 
 **Adding a method** = one file with a :class:`Compressor` subclass registered in
-``COMPRESSORS``. It declares the calibration statistics it needs in ``calibration``
-(kinds of :mod:`rankwise.calibration`: ``input_covariance`` for whitening /
+``COMPRESSORS`` (family, paper, arXiv id, ``needs_data=True`` for data-driven methods) and
+imported by ``compress/__init__.py``, plus one row in ``tests/cases/compress_*.py``. It
+declares its keyword options as :class:`rankwise.options.Option` in ``OPTIONS`` (the base
+class checks them once; values in ``self.options``) and the calibration statistics it needs
+in ``calibration`` (kinds of :mod:`rankwise.calibration`: ``input_covariance`` for whitening /
 covariance methods such as SVD-LLM and EoRA, ``weight_gradient`` for Fisher-weighted SVD,
 ``input_batches`` for anything else, e.g. ASVD's ``mean |x|``); ``compress`` collects them
 from ``data`` with the shared collector on the unmodified model and hands each layer's
@@ -27,11 +30,11 @@ it was.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -39,28 +42,39 @@ from torch import nn
 from rankwise.calibration import LayerStatistics, collect_statistics, materialise_data
 from rankwise.errors import RankwiseError
 from rankwise.nn import FactorizedLinear, select_linear_layers
+from rankwise.options import Option, declared_options, resolve
 from rankwise.registry import Registry
 from rankwise.targets import Targets, replace_module
 
 log = logging.getLogger(__name__)
 
 
-class Compressor:
+#: the kept fraction every compression call takes (a keyword of ``compress``, not a method option)
+RATIO = Option(0.5, float, low=0, high=1, low_open=True, high_open=True,
+               help="fraction of the targeted layers' weight parameters that remains, e.g. 0.8")
+
+
+class Compressor(ABC):
     """One post-training low-rank compression method.
 
-    Subclasses take their options as keyword arguments of ``__init__`` (validated there,
-    raising RankwiseError), set ``calibration`` to the statistics they need from the
-    calibration data (empty for data-free methods) and implement :meth:`factorize`.
+    Subclasses declare their options in ``OPTIONS`` (checked here, values in
+    ``self.options``), set ``calibration`` to the statistics they need from the calibration
+    data (empty for data-free methods) and implement :meth:`factorize`.
     """
 
+    OPTIONS: ClassVar[dict[str, Option]] = {}
     #: statistic kinds (``rankwise.calibration.STATISTIC_KINDS``) it reads; () = data-free
-    calibration: tuple[str, ...] = ()
+    calibration: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, *, method: str = "", **options: Any) -> None:
+        self.method = method or type(self).__name__
+        self.options = resolve(declared_options(type(self)), options, owner=f"compression method {self.method!r}")
+
+    @abstractmethod
     def factorize(
         self, name: str, linear: nn.Linear, rank: int, stats: LayerStatistics | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(up, down)``: ``up`` (out x rank), ``down`` (rank x in), any float dtype."""
-        raise NotImplementedError
 
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("compression method")
@@ -101,12 +115,7 @@ class CompressionPlan:
 
 
 def _check_ratio(ratio: object) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise RankwiseError(
-            f"ratio must be a number strictly between 0 and 1 (the fraction of the targeted layers' "
-            f"parameters that remains, e.g. 0.8), got {ratio!r}"
-        )
-    return float(ratio)
+    return RATIO.check("ratio", ratio, owner="compress (ratio is the fraction of the targeted weights that remains)")
 
 
 def plan_ranks(model: nn.Module, ratio: float, targets: Targets = "all-linear") -> CompressionPlan:
@@ -130,15 +139,12 @@ def plan_ranks(model: nn.Module, ratio: float, targets: Targets = "all-linear") 
 
 def build_compressor(method: str, options: dict[str, Any]) -> Compressor:
     """Instantiate a registered method; unknown names or options raise RankwiseError."""
-    cls = COMPRESSORS.get(method)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
-        raise RankwiseError(
-            f"compression method {method!r}: {exc}; accepted options: {', '.join(accepted) or '(none)'}"
-        ) from None
-    return cls(**options)
+    return COMPRESSORS.get(method)(method=method, **options)
+
+
+def method_options(name: str) -> dict[str, Option]:
+    """The options compression method ``name`` declares (``rankwise compress --help-method``)."""
+    return declared_options(COMPRESSORS.get(name))
 
 
 def compress(

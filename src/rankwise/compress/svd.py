@@ -24,9 +24,9 @@ from torch import nn
 
 from rankwise.calibration import LayerStatistics
 from rankwise.compress.core import COMPRESSORS, Compressor
-from rankwise.errors import RankwiseError
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import truncated_svd
+from rankwise.options import Option
 
 
 @COMPRESSORS.register(
@@ -38,16 +38,15 @@ from rankwise.linalg.svd import truncated_svd
 class SVDCompressor(Compressor):
     """``up = U_k sqrt(S_k)``, ``down = sqrt(S_k) V_k^T`` of the weight itself."""
 
-    def __init__(self, niter: int | None = None, seed: int = 0) -> None:
-        if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-            raise RankwiseError(f"svd option niter must be None (exact SVD) or a non-negative integer, got {niter!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RankwiseError(f"svd option seed must be an integer, got {seed!r}")
-        self.niter = niter
-        self.seed = seed
+    OPTIONS = {
+        "niter": Option(None, int, low=0, nullable=True,
+                        help="power iterations of a randomized SVD; None = exact thin SVD"),
+        "seed": Option(0, int, help="seed of the randomized SVD's sketch (used when niter is set)"),
+    }
 
     def factorize(
         self, name: str, linear: nn.Linear, rank: int, stats: LayerStatistics | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed) if self.niter is not None else None
-        return split_singular_values(*truncated_svd(linear.weight, rank, niter=self.niter, generator=generator))
+        niter = self.options["niter"]
+        generator = torch.Generator().manual_seed(self.options["seed"]) if niter is not None else None
+        return split_singular_values(*truncated_svd(linear.weight, rank, niter=niter, generator=generator))

@@ -27,12 +27,13 @@ init) makes the draw reproducible on its own.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.errors import RankwiseError
 from rankwise.nn import FactorizedLinear
+from rankwise.options import Option
 from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
 
 
@@ -45,10 +46,14 @@ from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
 class LowRank(Parametrisation):
     """``W = B A``, balanced Gaussian factors whose product matches the dense init's variance."""
 
-    def __init__(self, rank: int, seed: int | None = None) -> None:
-        super().__init__(rank)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RankwiseError(f"lowrank option seed must be an integer or None, got {seed!r}")
+    OPTIONS = {
+        "seed": Option(None, int, nullable=True,
+                       help="seed of the factors' draw; None = torch's global RNG, as the model's init"),
+    }
+
+    def __init__(self, rank: int, **options: Any) -> None:
+        super().__init__(rank, **options)
+        seed = self.options["seed"]
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def build(self, name: str, linear: nn.Linear) -> FactorizedLinear:

@@ -1,0 +1,159 @@
+"""How each kind of set-up changes the model and what trains it: one table, kind -> preparation.
+
+A preparation takes the set-up, the freshly built model (changed in place) and a
+:class:`SetUpContext`, and returns a :class:`Prepared`: the optimizer that trains the model
+and the :class:`~rankwise.training.TrainingHooks` the pillar installed (adapter
+regularisers and rank schedules, a parametrisation's own hooks). The runner trains every
+kind the same way with them; adding a kind is one function and one entry in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.training import TrainingHooks
+
+if TYPE_CHECKING:
+    from rankwise.bench.suites import SetUp
+    from rankwise.data.batches import TokenBatches
+
+#: batches a data-driven method (adapter init, compression calibration) reads before training
+DATA_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class SetUpContext:
+    """What a preparation may read besides the set-up and the model."""
+
+    hidden_size: int
+    #: a copy of the run's training stream, for data-driven inits and calibration (None: no data)
+    data_batches: TokenBatches | None
+    steps: int
+
+
+@dataclass
+class Prepared:
+    """What a set-up installed: the optimizer that trains the model, and the training-time hooks."""
+
+    optimizer: torch.optim.Optimizer
+    hooks: tuple[TrainingHooks, ...] = ()
+
+
+class AdapterHooks(TrainingHooks):
+    """The adapter pillar's training-time hooks: the layers' regularisers and their step schedules."""
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        from rankwise.adapters import regularization_loss
+
+        return regularization_loss(model)
+
+    def after_step(self, model: nn.Module, *, step: int, total_steps: int, optimizer: Any) -> None:
+        from rankwise.adapters import after_step
+
+        after_step(model, step=step, total_steps=total_steps, optimizer=optimizer)
+
+
+def _rank_keyword(setup: SetUp, context: SetUpContext) -> dict[str, int]:
+    rank = setup.resolved_rank(context.hidden_size)
+    return {} if rank is None else {"rank": rank}
+
+
+def _data_for(needs_data: bool, context: SetUpContext) -> list[dict] | None:
+    if not needs_data:
+        return None
+    if context.data_batches is None:
+        raise RankwiseError("this set-up's method is data-driven but the run gave it no data batches")
+    return [next(context.data_batches) for _ in range(DATA_BATCHES)]
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _full(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """AdamW on every parameter."""
+    return Prepared(torch.optim.AdamW(model.parameters(), lr=setup.lr))
+
+
+def _optim(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """``rankwise.optim.build(method)`` on every parameter."""
+    from rankwise import optim
+
+    options = setup.resolved_options(context.steps)
+    return Prepared(optim.build(model, setup.method, lr=setup.lr, **_rank_keyword(setup, context), **options))
+
+
+def _reference(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """A reference package's optimizer on the split ``optim`` uses."""
+    from rankwise.bench.references import build_reference
+
+    options = setup.resolved_options(context.steps)
+    return Prepared(build_reference(model, setup.method, lr=setup.lr, **_rank_keyword(setup, context), **options))
+
+
+def _adapter(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """``rankwise.adapt(method)``, then AdamW on the adapter (or the optimizer the method names,
+    or ``rankwise.optim.build`` with the set-up's ``optimizer_options``)."""
+    from rankwise import adapters, optim
+
+    entry = adapters.ADAPTERS.entry(setup.method)
+    adapters.adapt(model, setup.method, **_rank_keyword(setup, context),
+                   data=_data_for(entry.needs_data, context), **setup.resolved_options(context.steps))
+    # A method may name the optimizer its paper trains it with (LoRA-Pro); AdamW otherwise.
+    trainer = getattr(entry.obj, "training_optimizer", None)
+    if trainer is not None or setup.optimizer_options:
+        optimizer = optim.build(model, trainer or "adamw", lr=setup.lr, **setup.optimizer_options)
+    else:
+        optimizer = torch.optim.AdamW(_trainable(model), lr=setup.lr)
+    return Prepared(optimizer, (AdapterHooks(),))
+
+
+def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """``rankwise.pretrain`` parametrisation ``method``, then AdamW; the parametrisation is a hook."""
+    from rankwise.pretrain import parametrisation
+
+    rank = setup.resolved_rank(context.hidden_size)
+    if rank is None:
+        raise RankwiseError(f"set-up {setup.name!r}: a parametrisation needs a rank (give --rank)")
+    method = parametrisation(setup.method, rank=rank, **setup.resolved_options(context.steps))
+    method.apply(model)
+    return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr), (method,))
+
+
+def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """``rankwise.compress(method, ratio)`` of the model (calibrated on the run's own batches when
+    the method is data-driven), then AdamW on every trainable parameter (the factors included)."""
+    from rankwise.compress import COMPRESSORS, compress
+
+    if setup.ratio is None:
+        raise RankwiseError(f"set-up {setup.name!r}: a compression set-up needs a ratio")
+    entry = COMPRESSORS.entry(setup.method)
+    with torch.no_grad():
+        compress(model, setup.method, ratio=setup.ratio, data=_data_for(entry.needs_data, context),
+                          **setup.resolved_options(context.steps))
+    return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr))
+
+
+#: set-up kind -> the preparation that applies it
+KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
+    "full": _full,
+    "optim": _optim,
+    "reference": _reference,
+    "adapter": _adapter,
+    "parametrize": _parametrize,
+    "compress": _compress,
+}
+
+
+def prepare(
+    setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches | None, steps: int
+) -> Prepared:
+    """Apply ``setup`` to ``model`` in place; return the optimizer and hooks that train it for ``steps``."""
+    if setup.kind not in KINDS:
+        raise RankwiseError(f"set-up {setup.name!r} has unknown kind {setup.kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[setup.kind](setup, model, SetUpContext(hidden_size, data_batches, steps))

@@ -1,0 +1,147 @@
+"""Every pillar's methods on the command line: ``rankwise methods``, ``--help-method NAME`` and
+``--method-args k=v,...``, all read from the pillars' registries and Option declarations.
+
+``PILLARS`` is the one table: pillar name -> its registry and its ``method_options(name)``
+(the method's :class:`rankwise.options.Option` declarations), so a method registered in any
+pillar is listed, documented and configurable from the command line with no CLI change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+from rankwise import adapters, optim
+from rankwise.analyze import DIAGNOSTICS
+from rankwise.analyze import method_options as diagnostic_options
+from rankwise.compress import COMPRESSORS
+from rankwise.compress import method_options as compressor_options
+from rankwise.errors import RankwiseError
+from rankwise.options import Option, describe, parse_values
+from rankwise.pretrain import PARAMETRISATIONS
+from rankwise.pretrain import method_options as parametrisation_options
+from rankwise.registry import Registry
+
+
+def _options_until_the_merge(pillar: ModuleType) -> Callable[[str], dict[str, Option]]:
+    """TEMPORARY: delete at the merge of the adapters and optim architecture branches.
+
+    Those branches give ``rankwise.adapters.method_options`` and ``rankwise.optim.method_options``
+    (Option declarations with help); at the merge, write ``adapters.method_options`` and
+    ``optim.method_options`` in ``PILLARS`` and delete this function. Until then it uses them
+    when present, else builds Options from the plain defaults those pillars declare today
+    (adapters' ``OPTIONS``; an optimizer class's ``method_defaults`` and its Adam keywords),
+    the kind taken from each default's type (None: an integer or None).
+    """
+    declared = getattr(pillar, "method_options", None)
+    if declared is not None:
+        return declared
+
+    def from_defaults(name: str) -> dict[str, Option]:
+        if pillar is adapters:
+            defaults = adapters.ADAPTERS.get(name).option_defaults()
+        else:
+            cls = getattr(optim.OPTIMIZERS.get(name), "__self__", None)
+            if cls is None:  # a plain builder function keeps its accepted keys in its code
+                return {}
+            keywords = inspect.signature(cls.__init__).parameters
+            adam = {k: keywords[k].default for k in ("betas", "eps", "weight_decay", "correct_bias") if k in keywords}
+            defaults = {**adam, **cls.method_defaults}
+        kinds = {bool: bool, int: int, float: float, str: str, tuple: tuple, list: tuple, dict: dict}
+
+        def option(value: Any) -> Option:
+            kind = kinds.get(type(value), int)
+            item = type(value[0]) if kind is tuple and value and len({type(v) for v in value}) == 1 else None
+            return Option(value, kind, item=item, nullable=value is None,
+                          help="(help arrives with the pillar's Option declarations)")
+
+        return {key: option(value) for key, value in defaults.items()}
+
+    return from_defaults
+
+
+@dataclass(frozen=True)
+class Pillar:
+    """A pillar as the command line sees it."""
+
+    name: str
+    kind: str  # what one of its methods is called in messages
+    registry: Registry
+    method_options: Callable[[str], dict[str, Option]]
+
+
+PILLARS: dict[str, Pillar] = {
+    "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, _options_until_the_merge(adapters)),
+    "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, _options_until_the_merge(optim)),
+    "pretrain": Pillar("pretrain", "pretraining parametrisation", PARAMETRISATIONS, parametrisation_options),
+    "compress": Pillar("compress", "compression method", COMPRESSORS, compressor_options),
+    "analyze": Pillar("analyze", "diagnostic", DIAGNOSTICS, diagnostic_options),
+}
+
+
+def method_values(pillar: str, name: str, text: str | None) -> dict[str, Any]:
+    """``--method-args`` text for method ``name`` of ``pillar``, parsed and checked against its declarations."""
+    entry = PILLARS[pillar]
+    entry.registry.entry(name)  # an unknown name: RankwiseError listing the known ones
+    return parse_values(entry.method_options(name), text, owner=f"{entry.kind} {name!r}")
+
+
+def listing(pillar: str | None = None, pattern: str | None = None) -> list[dict[str, str]]:
+    """Rows of ``rankwise methods``: name, pillar, family, citation; sorted by pillar then name."""
+    if pillar is not None and pillar not in PILLARS:
+        raise RankwiseError(f"unknown pillar {pillar!r}; known: {', '.join(PILLARS)}")
+    chosen = [PILLARS[pillar]] if pillar else list(PILLARS.values())
+    return [
+        {"name": entry.name, "pillar": p.name, "family": entry.family, "paper": entry.citation}
+        for p in chosen
+        for entry in p.registry.entries()
+        if pattern is None or fnmatch.fnmatchcase(entry.name, pattern)
+    ]
+
+
+def format_listing(rows: list[dict[str, str]]) -> str:
+    columns = ("name", "pillar", "family", "paper")
+    widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns[:-1]}
+    lines = ["  ".join(c.ljust(widths.get(c, 0)) for c in columns).rstrip()]
+    lines += ["  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def method_help(pillars: Sequence[str], name: str, args_flag: dict[str, str]) -> str:
+    """``--help-method NAME``: the method's citation and its options in every one of ``pillars``
+    that registers ``name``; RankwiseError listing the known names when none does."""
+    sections = []
+    for pillar in pillars:
+        p = PILLARS[pillar]
+        if name not in p.registry:
+            continue
+        entry = p.registry.entry(name)
+        lines = [f"{p.kind} {name} (pillar {pillar}, family {entry.family})", f"  {entry.citation}",
+                 f"  options ({args_flag[pillar]}):"]
+        lines += [f"    {line}" for line in describe(p.method_options(name))]
+        sections.append("\n".join(lines))
+    if not sections:
+        known = sorted({n for pillar in pillars for n in PILLARS[pillar].registry.names()})
+        raise RankwiseError(f"no method {name!r} in {' or '.join(pillars)}; known: {', '.join(known)}")
+    return "\n\n".join(sections)
+
+
+class HelpMethod(argparse.Action):
+    """``--help-method NAME``: print the method's options and exit, like ``--help``."""
+
+    def __init__(self, option_strings, dest, *, pillars: Sequence[str], args_flag: dict[str, str], **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.pillars = tuple(pillars)
+        self.args_flag = args_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            text = method_help(self.pillars, values, self.args_flag)
+        except RankwiseError as exc:
+            parser.exit(2, f"rankwise: error: {exc}\n")
+        print(text)  # to stdout, as --help
+        parser.exit(0)
