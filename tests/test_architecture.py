@@ -11,6 +11,7 @@ import pytest
 
 import rankwise  # noqa: F401  (imports every pillar, so every method is registered)
 from rankwise.adapters import ADAPTERS
+from rankwise.analyze import DIAGNOSTICS
 from rankwise.compress.core import COMPRESSORS
 from rankwise.errors import RankwiseError
 from rankwise.optim import OPTIMIZERS
@@ -18,7 +19,13 @@ from rankwise.options import Option, declared_options, parse_assignments, parse_
 from rankwise.pretrain import PARAMETRISATIONS
 from rankwise.registry import Registry
 
-REGISTRIES = {"adapters": ADAPTERS, "optim": OPTIMIZERS, "pretrain": PARAMETRISATIONS, "compress": COMPRESSORS}
+REGISTRIES = {
+    "adapters": ADAPTERS,
+    "optim": OPTIMIZERS,
+    "pretrain": PARAMETRISATIONS,
+    "compress": COMPRESSORS,
+    "analyze": DIAGNOSTICS,
+}
 
 #: method modules that still import another method module; the architecture issue empties it
 KNOWN_CROSS_IMPORTS = {
@@ -109,6 +116,7 @@ def test_option_checks_kind_bounds_choices_and_none():
         mode.check("mode", "lpm")
     betas = Option((0.9, 0.999), tuple, item=float, length=2, low=0, high=1, high_open=True, help="Adam betas")
     assert betas.check("betas", [0.5, 0.9]) == (0.5, 0.9)
+    assert Option((), tuple, help="any").expectation() == "a sequence of values"
     for bad in ((0.9,), (0.9, 1.0), (0.9, "x"), 0.9):
         with pytest.raises(RankwiseError, match="betas must be a sequence of 2 numbers"):
             betas.check("betas", bad)

@@ -133,7 +133,7 @@ def test_help_method_prints_the_declared_options_and_exits_without_running(capsy
         "compression method svd (pillar compress, family svd)",
         "  LORD: Low Rank Decomposition Of Monolingual Code LLMs For One-Shot Compression (arXiv 2309.14021)",
         "  options (--method-args k=v,...):",
-        "    niter=None  (None or an integer >= 0)  power iterations of a randomized SVD; None = exact thin SVD",
+        "    niter=None  (None or an integer >= 0)  power iterations of a randomized SVD (e.g. 4); None = exact thin SVD",
         "    seed=0  (an integer)  seed of the randomized SVD's sketch (used when niter is set)",
     ]
     code, out, _ = help_method(["pretrain", "--help-method", "lowrank"], capsys)

@@ -67,9 +67,9 @@ class Option:
         if self.choices is not None:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         elif self.kind is tuple:
-            items = _KIND_WORDS[self.item] if self.item else "values"
+            items = _KIND_WORDS[self.item].split(" ", 1)[1] + "s" if self.item else "values"
             count = f"{self.length} " if self.length else ""
-            text = f"a sequence of {count}{items.replace('an ', '').replace('a ', '')}s{self._bounds()}"
+            text = f"a sequence of {count}{items}{self._bounds()}"
         else:
             text = _KIND_WORDS[self.kind] + self._bounds()
         return f"None or {text}" if self.nullable else text

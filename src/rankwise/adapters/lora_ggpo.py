@@ -27,7 +27,7 @@ backpropagation sends to ``eps`` is exactly ``dL/dW'`` (at the perturbed point).
 accumulates it (over gradient-accumulation micro-batches) and the method's ``after_step`` stores
 its squared row norms and frees it; the next step's perturbations use them. The training loop
 must call ``rankwise.adapters.after_step(model, ...)`` once after each ``optimizer.step()`` (the
-bench passes it as ``rankwise.training.train``'s ``step_hook``). Until the first ``after_step``
+bench and CLI install it through ``rankwise.training.TrainingHooks``). Until the first ``after_step``
 (and forever without it) the gradient term is zero.
 
 Defaults ``sigma = 0.03``, ``beta = 0.01``.

@@ -75,7 +75,7 @@ class Pillar:
 
 
 PILLARS: dict[str, Pillar] = {
-    "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, _options_until_the_merge(adapters)),
+    "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, adapters.method_options),
     "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, _options_until_the_merge(optim)),
     "pretrain": Pillar("pretrain", "pretraining parametrisation", PARAMETRISATIONS, parametrisation_options),
     "compress": Pillar("compress", "compression method", COMPRESSORS, compressor_options),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from rankwise.calibration import LayerStatistics
+from rankwise.common_options import NITER
 from rankwise.compress.core import COMPRESSORS, Compressor
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import truncated_svd
@@ -39,8 +40,7 @@ class SVDCompressor(Compressor):
     """``up = U_k sqrt(S_k)``, ``down = sqrt(S_k) V_k^T`` of the weight itself."""
 
     OPTIONS = {
-        "niter": Option(None, int, low=0, nullable=True,
-                        help="power iterations of a randomized SVD; None = exact thin SVD"),
+        "niter": NITER,
         "seed": Option(0, int, help="seed of the randomized SVD's sketch (used when niter is set)"),
     }
 
