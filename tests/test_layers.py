@@ -58,3 +58,17 @@ def test_plain_layers_and_refusals():
     assert not is_linear_like(nn.Embedding(10, 4)) and layer_kind(nn.ReLU()) is None
     with pytest.raises(RankwiseError, match="not a Linear-like layer"):
         features(nn.Embedding(10, 4))
+
+
+def test_all_linear_means_every_linear_like_layer_but_the_head(gpt2, llama):
+    from rankwise.targets import match_targets
+
+    names = match_targets(gpt2, "all-linear")
+    # GPT-2: four Conv1D layers per block (fused q/k/v, attention out, MLP in, MLP out); the
+    # head is tied to the token embedding and left out, as in PEFT
+    assert names == [f"transformer.h.{i}.{leaf}" for i in range(2)
+                     for leaf in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert "lm_head" not in match_targets(llama, "all-linear") and len(match_targets(llama, "all-linear")) == 14
+    assert match_targets(gpt2, ["c_attn"], kind=None) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    with pytest.raises(RankwiseError, match="matched no Linear module"):
+        match_targets(gpt2, "all-linear", kind=nn.Linear)  # GPT-2's only nn.Linear is its head

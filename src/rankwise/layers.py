@@ -66,6 +66,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return layer_kind(module) in LINEAR_KINDS
 
 
+
 def is_quantized(module: nn.Module) -> bool:
     return layer_kind(module) in QUANTIZED_KINDS
 

@@ -140,7 +140,7 @@ def select_linear_layers(
     selected, before anything is changed.
     """
     try:
-        dense = [n for n in match_targets(model, targets) if not _inside_factorized(model, n)]
+        dense = [n for n in match_targets(model, targets, kind=nn.Linear) if not _inside_factorized(model, n)]
         no_dense_error: RankwiseError | None = None
     except RankwiseError as exc:
         dense, no_dense_error = [], exc

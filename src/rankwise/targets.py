@@ -1,8 +1,10 @@
-"""Selecting which nn.Linear modules of a model a method applies to.
+"""Selecting which Linear-like modules of a model a method applies to.
 
-``targets`` is one of
-- ``"all-linear"``: every ``nn.Linear`` except the output head (``lm_head`` or any Linear
-  whose weight is tied to an input embedding) -- the PEFT / Trainer convention;
+A module is a candidate when it is of the ``kind`` a pillar asks for; by default Linear-like
+(``nn.Linear``, transformers' ``Conv1D``, bitsandbytes' quantized Linear: see
+:mod:`rankwise.layers`). ``targets`` is one of
+- ``"all-linear"``: every candidate except the output head (``lm_head`` or any layer whose
+  weight is tied to an input embedding) -- the PEFT / Trainer convention;
 - a list (or tuple) of module-name suffixes: a module matches when its full name equals
   the entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``);
 - any other string: a regular expression that must match the full module name
@@ -17,13 +19,14 @@ from typing import Sequence, Union
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.layers import is_linear_like
 
 Targets = Union[str, Sequence[str]]
 
 _HEAD_NAMES = ("lm_head", "score", "classifier", "cls")
 
 
-def _is_output_head(model: nn.Module, name: str, module: nn.Linear) -> bool:
+def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in _HEAD_NAMES:
         return True
@@ -33,16 +36,21 @@ def _is_output_head(model: nn.Module, name: str, module: nn.Linear) -> bool:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Names of all nn.Linear modules in ``model``, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Names of all Linear-like modules in ``model``, in module order."""
+    return [n for n, m in model.named_modules() if is_linear_like(m)]
 
 
-def match_targets(model: nn.Module, targets: Targets = "all-linear", *, kind: type = nn.Linear) -> list[str]:
-    """Return the names of the ``kind`` modules selected by ``targets``.
+def match_targets(model: nn.Module, targets: Targets = "all-linear", *, kind: type | None = None) -> list[str]:
+    """Return the names of the candidate modules selected by ``targets``: Linear-like modules,
+    or instances of ``kind`` when given.
 
-    Raises RankwiseError (listing some Linear module names) when nothing matches.
+    Raises RankwiseError (listing some candidate module names) when nothing matches.
     """
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, kind) and n]
+    if kind is None:
+        accepts, kind_name = is_linear_like, "Linear-like (Linear, Conv1D, quantized Linear)"
+    else:
+        accepts, kind_name = (lambda module: isinstance(module, kind)), kind.__name__
+    modules = [(n, m) for n, m in model.named_modules() if n and accepts(m)]
     if isinstance(targets, str) and targets == "all-linear":
         chosen = [n for n, m in modules if not _is_output_head(model, n, m)]
     elif isinstance(targets, str):
@@ -61,7 +69,7 @@ def match_targets(model: nn.Module, targets: Targets = "all-linear", *, kind: ty
         names = [n for n, _ in modules]
         sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
         raise RankwiseError(
-            f"targets {targets!r} matched no {kind.__name__} module; "
+            f"targets {targets!r} matched no {kind_name} module; "
             f"the model has {len(names)} of them, e.g. {sample or '(none)'}"
         )
     return chosen

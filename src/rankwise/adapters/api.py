@@ -174,7 +174,7 @@ def adapt(
     alpha = ALPHA.check("alpha", alpha, method)
     alpha = float(rank) if alpha is None else alpha  # the requested rank, also where allocate_ranks varies it
     refuse_adapted(model, f"adapt with {method!r}")
-    names = match_targets(model, targets)
+    names = match_targets(model, targets, kind=nn.Linear)
     bases: dict[str, nn.Linear] = {name: model.get_submodule(name) for name in names}
     _refuse_tied_weights(model, bases)
     for name, base in bases.items():
