@@ -205,7 +205,7 @@ def test_method_args_reach_the_adapter(cli_env, tmp_path):
 
 def test_method_args_are_the_optimizers_when_it_is_the_method():
     from rankwise.bench.kinds import prepare
-    from rankwise.cli.commands import _optim_setup
+    from rankwise.cli.common import optim_setup as _optim_setup
     from rankwise.cli.main import build_parser
 
     args = build_parser().parse_args(["pretrain", "--optim", "galore", "--rank", "4",

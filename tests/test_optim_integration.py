@@ -91,7 +91,7 @@ def test_accelerate_prepared_optimizer_matches_a_plain_loop(layerwise):
 def prepared_optimizer(argv: list[str]):
     """What ``rankwise pretrain <argv>`` would train the tiny model with."""
     from rankwise.bench.runner import prepare
-    from rankwise.cli.commands import _optim_setup
+    from rankwise.cli.common import optim_setup as _optim_setup
 
     args = build_parser().parse_args(["pretrain", *argv])
     setup = _optim_setup(args, "cli", default_lr=1e-3)

@@ -16,7 +16,7 @@ import torch
 
 from rankwise.bench.report import format_table, write_results
 from rankwise.bench.runner import RunConfig, Workload, bench_device, run_setup
-from rankwise.bench.suites import SUITES, SetUp, select_setups
+from rankwise.bench.suites import SUITE_WORKLOAD, SUITES, SetUp, select_setups
 from rankwise.errors import RankwiseError
 
 #: bench preset -> (model preset, run configuration, whether non-default set-ups run too)
@@ -26,10 +26,6 @@ PRESETS: dict[str, tuple[str, RunConfig, bool]] = {
     "full": ("small", RunConfig(steps=400, batch_size=8, seq_len=256, eval_every=50, eval_batches=16,
                                 warmup_steps=20, early_step=50), True),
 }
-
-#: suite -> (embedded corpus split, whether set-ups start from the cached base checkpoint)
-SUITE_WORKLOAD = {"pretrain": ("pretrain", False), "optim": ("pretrain", False), "finetune": ("finetune", True),
-                  "compress": ("pretrain", True)}
 
 
 def embedded_workload(

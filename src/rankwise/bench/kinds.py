@@ -19,7 +19,7 @@ from rankwise.errors import RankwiseError
 from rankwise.training import TrainingHooks
 
 if TYPE_CHECKING:
-    from rankwise.bench.suites import SetUp
+    from rankwise.bench.setup import SetUp
     from rankwise.data.batches import TokenBatches
 
 #: batches a data-driven method (adapter init, compression calibration) reads before training

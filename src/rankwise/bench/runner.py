@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rankwise.bench.kinds import prepare
-from rankwise.bench.suites import SetUp
+from rankwise.bench.setup import SetUp
 from rankwise.data.batches import TokenBatches
 from rankwise.training import cosine_schedule, train
 

@@ -145,3 +145,18 @@ class HelpMethod(argparse.Action):
             parser.exit(2, f"rankwise: error: {exc}\n")
         print(text)  # to stdout, as --help
         parser.exit(0)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("methods", help="list every pillar's methods with family and paper")
+    parser.add_argument("pattern", nargs="?", default=None, help="shell-style name pattern, e.g. 'lora*'")
+    parser.add_argument("--pillar", default=None, help="adapters, optim, pretrain, compress or analyze")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = listing(args.pillar, args.pattern)
+    if not rows:
+        raise RankwiseError(f"no method matches {args.pattern!r}" + (f" in {args.pillar}" if args.pillar else ""))
+    print(format_listing(rows))
+    return 0

@@ -1,0 +1,40 @@
+"""The ``finetune`` suite.
+
+From the cached base checkpoint on the shifted split (documentation prose).
+"""
+
+from __future__ import annotations
+
+from rankwise.bench.setup import SetUp, StepFraction
+
+#: the embedded corpus split it trains on, and whether set-ups start from the cached base
+WORKLOAD = ("finetune", True)
+
+# Adapters at rank 8 on every Linear layer of the base; methods with only O(r) trainable
+# values per layer (loldu, svfit, lora_sb) take a larger learning rate, as their papers do.
+SETUPS: list[SetUp] = [
+    SetUp("full fine-tuning", "full", lr=3e-4),
+    SetUp("lora", "adapter", "lora", lr=3e-3, rank=8),
+    SetUp("lora+ (ratio 16)", "adapter", "lora", lr=1e-3, rank=8, default=False,
+          optimizer_options={"loraplus_lr_ratio": 16}),
+    SetUp("lora_pro", "adapter", "lora_pro", lr=3e-3, rank=8, default=False),
+    SetUp("lora_ggpo", "adapter", "lora_ggpo", lr=3e-3, rank=8, default=False),
+    SetUp("pissa", "adapter", "pissa", lr=3e-3, rank=8),
+    SetUp("pissa (niter 4)", "adapter", "pissa", lr=3e-3, rank=8, options={"niter": 4}, default=False),
+    SetUp("olora", "adapter", "olora", lr=3e-3, rank=8, default=False),
+    SetUp("loldu", "adapter", "loldu", lr=3e-2, rank=8, default=False),
+    SetUp("svfit", "adapter", "svfit", lr=3e-2, rank=8, default=False),
+    SetUp("sorsa", "adapter", "sorsa", lr=3e-3, rank=8, default=False),
+    SetUp("corda (ipm)", "adapter", "corda", lr=3e-3, rank=8, options={"mode": "ipm"}, default=False),
+    SetUp("corda (kpm)", "adapter", "corda", lr=3e-3, rank=8, options={"mode": "kpm"}, default=False),
+    SetUp("eva", "adapter", "eva", lr=3e-3, rank=8, default=False),
+    SetUp("lora_ga", "adapter", "lora_ga", lr=3e-3, rank=8, default=False),
+    SetUp("lora_sb", "adapter", "lora_sb", lr=3e-2, rank=8, default=False),
+    SetUp("dylora", "adapter", "dylora", lr=3e-3, rank=8, options={"frozen": False}, default=False),
+    SetUp("adalora (12 -> 8)", "adapter", "adalora", lr=3e-3, rank=12,
+          options={"target_r": 8, "tinit": StepFraction(0.1), "tfinal": StepFraction(0.2), "deltaT": 5},
+          default=False),
+    SetUp("increlora (capacity 12)", "adapter", "increlora", lr=3e-3, rank=12,
+          options={"init_r": 2, "target_r": 8, "incre_interval": 10}, default=False),
+    SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
+]
