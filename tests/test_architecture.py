@@ -22,11 +22,9 @@ REGISTRIES = {"adapters": ADAPTERS, "optim": OPTIMIZERS, "pretrain": PARAMETRISA
 
 #: method modules that still import another method module; the architecture issue empties it
 KNOWN_CROSS_IMPORTS = {
-    ("rankwise.optim.frugal", "rankwise.optim.apollo"),
     ("rankwise.adapters.increlora", "rankwise.adapters.adalora"),
     ("rankwise.adapters.sora", "rankwise.adapters.adalora"),
     ("rankwise.adapters.lora_sb", "rankwise.adapters.lora_ga"),
-    ("rankwise.optim.qgalore", "rankwise.optim.galore8bit"),
     ("rankwise.adapters.eva", "rankwise.adapters.lora"),
     ("rankwise.adapters.lora_ggpo", "rankwise.adapters.lora"),
     ("rankwise.adapters.lora_pro", "rankwise.adapters.lora"),

@@ -141,7 +141,7 @@ def test_scale_is_an_alias_of_alpha():
     ("hparams", "message"),
     [
         ({"rank": 4, "alpha": 0.5, "scale": 2.0}, "both alpha=0.5 and scale=2.0"),
-        ({"rank": 4, "alpha": -1.0}, "scale must be a number > 0"),
+        ({"rank": 4, "alpha": -1.0}, "option alpha must be a number > 0"),
         ({"rank": 40}, r"rank 40 exceeds min\(m, n\) = 32"),
         ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap must be an integer >= 1"),
     ],
