@@ -97,6 +97,32 @@ def test_first_step_scales_the_raw_gradient(rows, cols, scale_type):
     torch.testing.assert_close(weight.detach(), expected)
 
 
+@pytest.mark.parametrize("proj", ["random", "svd"])
+def test_first_step_with_full_projection_scales_the_raw_gradient_by_one_ratio(proj):
+    """proj_type="full" (tensor-wise scaling): R = P_L^T G P_R on both sides, s = ||N|| / ||R||,
+    update = sqrt(scale) s G -- the raw gradient, not a projection back."""
+    weight = single_weight(6, 10)
+    before = weight.detach().clone()
+    lr, rank, scale = 0.1, 2, 3.0
+    keys = {"rank": rank, "scale_type": "tensor", "scale": scale, "proj_type": "full", "proj": proj, "seed": 7}
+    optimizer = APOLLOAdamW([{"params": [weight], **keys}], lr=lr)
+    grad = torch.randn(6, 10)
+    weight.grad = grad.clone()
+    optimizer.step()
+    if proj == "random":
+        seed, std = optimizer.state[weight]["proj_seed"], 1 / math.sqrt(rank)
+        left, right = seeded_gaussian(6, rank, seed, std=std), seeded_gaussian(10, rank, mix_seed(seed, 1), std=std)
+    else:
+        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        left, right = u[:, :rank], vh[:rank].T
+    low = left.T @ grad @ right
+    torch.testing.assert_close(optimizer.state[weight]["exp_avg"], (1 - BETAS[0]) * low)
+    direction = first_adam_direction(low)
+    factor = direction.norm() / (low.norm() + 1e-8)
+    step_size = lr * math.sqrt(1 - BETAS[1]) / (1 - BETAS[0])
+    torch.testing.assert_close(weight.detach(), before - step_size * math.sqrt(scale) * factor * grad)
+
+
 def test_random_projection_is_regenerated_never_stored():
     weight = single_weight(8, 12)
     optimizer = APOLLOAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2}], lr=1e-2)
