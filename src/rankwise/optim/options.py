@@ -46,9 +46,8 @@ SUBSPACE: dict[str, Option] = {
     ),
     "bias_correction": Option(
         "global", str, choices=BIAS_CORRECTIONS,
-        help="global = Adam's correction from the moments' age (the papers'); per_coordinate = also track how much "
-        "history each subspace coordinate carries after a rotate switch, so a coordinate new to the subspace "
-        "is corrected like a fresh start (see docs/optimizers.md)",
+        help="global: Adam's correction by the moments' age (the papers'); per_coordinate: after a rotate switch "
+        "a coordinate new to the subspace is corrected like a fresh start",
     ),
 }
 
