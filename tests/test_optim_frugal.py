@@ -185,3 +185,11 @@ def test_bad_groups_raise_before_anything_changes(keys, message):
     with pytest.raises(RankwiseError, match=message):
         FrugalAdamW([{"params": [weight], "rank": None, **keys}], lr=LR)
     assert torch.equal(weight, before)
+
+
+def test_defaults_are_the_authors_code():
+    """AdamW eps 1e-8 and weight decay 0.01, density 0.25, gap 200, signSGD, reset, random blocks."""
+    optimizer = FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(6, 10))], "rank": None}])
+    group = optimizer.param_groups[0]
+    keys = ("eps", "weight_decay", "density", "update_proj_gap", "state_free", "moment_policy", "proj", "block_order")
+    assert tuple(group[k] for k in keys) == (1e-8, 0.01, 0.25, 200, "sign", "reset", "blocks", "random")

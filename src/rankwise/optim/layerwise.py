@@ -58,6 +58,7 @@ from rankwise.errors import RankwiseError
 from rankwise.optim.base import OptimizerMethod
 from rankwise.optim.distributed import average_gradient, broadcast_parameters, is_distributed, is_dtensor
 from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.options import Option
 
 _RUN_NODE_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
 
@@ -72,6 +73,8 @@ def enclosing_backward_node() -> Any:
         frame = frame.f_back
     return None
 
+ACCUMULATION_STEPS = Option(1, int, low=1, help="micro-batches (backward passes) per optimizer step")
+
 #: options of a training set-up that layerwise mode cannot honour, with the reason
 UNSUPPORTED_OPTIONS = {
     "max_grad_norm": "clipping by the global gradient norm needs every gradient before any step, "
@@ -82,11 +85,8 @@ UNSUPPORTED_OPTIONS = {
 
 def check_layerwise(model: nn.Module, accumulation_steps: Any, options: Mapping[str, Any]) -> int:
     """RankwiseError unless layerwise mode can run on ``model``; returns ``accumulation_steps``."""
-    steps = 1 if accumulation_steps is None else accumulation_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise RankwiseError(
-            f"accumulation_steps must be an integer >= 1 (micro-batches per optimizer step), got {accumulation_steps!r}"
-        )
+    steps = ACCUMULATION_STEPS.default if accumulation_steps is None else accumulation_steps
+    steps = ACCUMULATION_STEPS.check("accumulation_steps", steps, "layerwise mode")
     for key, reason in UNSUPPORTED_OPTIONS.items():
         if key in options:
             raise RankwiseError(f"layerwise mode cannot honour {key}: {reason}")
@@ -112,8 +112,7 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, *, accumulation_steps: int = 1) -> None:
-        if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
-            raise RankwiseError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+        accumulation_steps = ACCUMULATION_STEPS.check("accumulation_steps", accumulation_steps, "layerwise mode")
         if isinstance(optimizer, OptimizerMethod) and not optimizer.supports_layerwise:
             raise RankwiseError(
                 f"{type(optimizer).__name__} needs every parameter's gradient in one step and cannot run "
