@@ -27,7 +27,7 @@ must agree with ``supports_layerwise``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -136,6 +136,16 @@ class OptimizerMethod:
     def construct(cls, groups: list[dict], hyperparameters: dict[str, Any], names: Mapping[int, str]) -> Any:
         """``cls(groups, **hyperparameters)``; methods that name parameters in errors take ``names``."""
         return cls(groups, **hyperparameters)
+
+    # ---- stepping
+
+    @staticmethod
+    def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+        """The loss of ``step(closure)``: the closure evaluated with gradients enabled, or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     # ---- reporting
 

@@ -79,7 +79,7 @@ from rankwise.optim.inner import WEIGHT_KEYS, bias_corrections
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import ADAM, SEED, SUBSPACE, with_defaults
 from rankwise.optim.pieces import LowRankStep, Projector, UpdateRule
-from rankwise.optim.projectors import SVDProjector, mix_seed
+from rankwise.optim.projectors import SeededProjector, SVDProjector, mix_seed
 from rankwise.options import Option
 
 PROJECTIONS = ("blocks", "svd", "random", "coordinates")
@@ -126,17 +126,11 @@ class RankedSVDProjector(SVDProjector):
         super().refresh(state, grad, {**group, "rank": subspace_rank(grad.shape, group)}, seed=seed)
 
 
-class RandomOrthogonalProjector(Projector):
+class RandomOrthogonalProjector(SeededProjector):
     """Random orthonormal columns (QR of a seeded Gaussian), regenerated from ``state["proj_seed"]``."""
 
     def __init__(self, group: Mapping[str, Any]) -> None:
         self.group = group
-
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        state["proj_seed"] = mix_seed(seed, state["step"])
-
-    def has_basis(self, state: Mapping[str, Any]) -> bool:
-        return "proj_seed" in state
 
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> Basis:
         use_left, use_right = projection_sides(param.shape, self.group["proj_type"])
@@ -167,17 +161,11 @@ class CoordinateBasis(Basis):
         return full.index_copy_(0, self.indices, low).view(self.shape)
 
 
-class CoordinateProjector(Projector):
+class CoordinateProjector(SeededProjector):
     """``round(rho m n)`` random entries, drawn (and redrawn at every step) from ``state["proj_seed"]``."""
 
     def __init__(self, group: Mapping[str, Any]) -> None:
         self.group = group
-
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        state["proj_seed"] = mix_seed(seed, state["step"])
-
-    def has_basis(self, state: Mapping[str, Any]) -> bool:
-        return "proj_seed" in state
 
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> CoordinateBasis:
         size = param.shape[0] * param.shape[1]

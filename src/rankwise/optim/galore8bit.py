@@ -43,9 +43,9 @@ Deviations from the reference (galore-torch 1.0's ``GaLoreAdamW8bit`` on bitsand
 from __future__ import annotations
 
 from rankwise.optim.base import OPTIMIZERS
-from rankwise.optim.inner import MIN_8BIT_SIZE, QuantizedAdamMoments
+from rankwise.optim.inner import ADAM_8BIT, QuantizedAdamMoments
 from rankwise.optim.lowrank import LowRankAdamW
-from rankwise.optim.options import ADAM, SUBSPACE, with_defaults
+from rankwise.optim.options import SUBSPACE
 from rankwise.optim.projectors import SVDProjector
 from rankwise.optim.rules import DropResidual
 
@@ -68,5 +68,5 @@ class GaLoreAdamW8bit(LowRankAdamW):
     projector = SVDProjector()
     inner = QuantizedAdamMoments()
     update_rule = DropResidual()
-    HYPERPARAMETERS = {**with_defaults(ADAM, eps=1e-8, weight_decay=1e-2), **MIN_8BIT_SIZE}
+    HYPERPARAMETERS = ADAM_8BIT
     OPTIONS = SUBSPACE

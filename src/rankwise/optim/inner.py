@@ -48,13 +48,17 @@ import torch
 
 from rankwise.linalg.projections import change_coordinates
 from rankwise.linalg.quant import blockwise_dequantize, blockwise_quantize
+from rankwise.optim.options import ADAM, with_defaults
 from rankwise.optim.pieces import InnerOptimizer
 from rankwise.options import Option
 
 BLOCK_SIZE = 256  # bitsandbytes' block for 8-bit optimizer states
 DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep float32 moments
 
-MIN_8BIT_SIZE = {
+#: the hyperparameters of the 8-bit optimizers: bitsandbytes' AdamW8bit defaults (eps 1e-8,
+#: weight decay 0.01) and its size threshold
+ADAM_8BIT = {
+    **with_defaults(ADAM, eps=1e-8, weight_decay=1e-2),
     "min_8bit_size": Option(
         DEFAULT_MIN_8BIT_SIZE, int, low=0, help="tensors with fewer numbers keep float32 moments (bitsandbytes' rule)"
     ),

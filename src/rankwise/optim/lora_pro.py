@@ -203,10 +203,7 @@ class LoRAProAdamW(OptimizerMethod, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.evaluate_closure(closure)
         for group in self.param_groups:
             if "scaling" in group:
                 self._step_pair(group)

@@ -220,10 +220,7 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.evaluate_closure(closure)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:

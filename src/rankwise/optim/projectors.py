@@ -6,6 +6,8 @@
 - :class:`GaussianProjector` (APOLLO, arXiv 2412.05270): ``P ~ N(0, 1/rank)`` regenerated
   from a stored integer seed, with :class:`GaussianBasis`, whose coordinate change between
   two non-orthonormal sketches is the least-squares one.
+- :class:`SeededProjector`: the base of every random projector (APOLLO's, FRUGAL's random
+  subspaces and coordinates): a refresh stores only an integer seed, ``basis`` regenerates.
 - :func:`mix_seed`: the seed derivation every random choice of the optimizers uses.
 """
 
@@ -53,6 +55,17 @@ class SVDProjector(Projector):
         return Basis(state.get("proj_left"), state.get("proj_right"))
 
 
+class SeededProjector(Projector):
+    """A random subspace stored as ``state["proj_seed"] = mix_seed(parameter seed, step)`` only;
+    subclasses regenerate it from that seed in ``basis``."""
+
+    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
+        state["proj_seed"] = mix_seed(seed, state["step"])
+
+    def has_basis(self, state: Mapping[str, Any]) -> bool:
+        return "proj_seed" in state
+
+
 class GaussianBasis(Basis):
     """A basis whose factors are Gaussian sketches (not orthonormal).
 
@@ -78,7 +91,7 @@ class GaussianBasis(Basis):
 
 
 @dataclass(frozen=True)
-class GaussianProjector(Projector):
+class GaussianProjector(SeededProjector):
     """``P ~ N(0, 1/rank)`` regenerated from ``state["proj_seed"]``; only the seed is stored.
 
     At a refresh ``proj_seed = mix_seed(parameter seed, step)``; the left factor (``m x r``)
@@ -88,12 +101,6 @@ class GaussianProjector(Projector):
 
     rank: int
     proj_type: str
-
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        state["proj_seed"] = mix_seed(seed, state["step"])
-
-    def has_basis(self, state: Mapping[str, Any]) -> bool:
-        return "proj_seed" in state
 
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> GaussianBasis:
         use_left, use_right = projection_sides(param.shape, self.proj_type)

@@ -69,9 +69,9 @@ from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import Basis, projection_sides, singular_basis
 from rankwise.linalg.quant import minmax_dequantize, minmax_quantize
 from rankwise.optim.base import OPTIMIZERS
-from rankwise.optim.inner import MIN_8BIT_SIZE, QuantizedAdamMoments
+from rankwise.optim.inner import ADAM_8BIT, QuantizedAdamMoments
 from rankwise.optim.lowrank import LowRankAdamW
-from rankwise.optim.options import ADAM, SUBSPACE, with_defaults
+from rankwise.optim.options import SUBSPACE
 from rankwise.optim.pieces import Projector
 from rankwise.optim.rules import DropResidual
 from rankwise.options import Option
@@ -161,7 +161,7 @@ class QGaLoreAdamW8bit(LowRankAdamW):
     projector = QuantizedSVDProjector()
     inner = QuantizedAdamMoments()
     update_rule = DropResidual()
-    HYPERPARAMETERS = {**with_defaults(ADAM, eps=1e-8, weight_decay=1e-2), **MIN_8BIT_SIZE}
+    HYPERPARAMETERS = ADAM_8BIT
     OPTIONS = {
         **SUBSPACE,
         "quant": Option(True, bool, help="store the projector as min-max codes (False: float, as GaLore)"),
