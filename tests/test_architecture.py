@@ -27,19 +27,9 @@ REGISTRIES = {
     "analyze": DIAGNOSTICS,
 }
 
-#: method modules that still import another method module; the architecture issue empties it
-KNOWN_CROSS_IMPORTS = {
-    ("rankwise.optim.frugal", "rankwise.optim.apollo"),
-    ("rankwise.optim.qgalore", "rankwise.optim.galore8bit"),
-}
-
-
-def defining_module(obj) -> str:
-    return getattr(obj, "__self__", obj).__module__  # a registered classmethod belongs to its class
-
 
 def method_modules() -> set[str]:
-    return {defining_module(entry.obj) for registry in REGISTRIES.values() for entry in registry.entries()}
+    return {entry.obj.__module__ for registry in REGISTRIES.values() for entry in registry.entries()}
 
 
 def imported_modules(module_name: str) -> set[str]:
@@ -58,14 +48,8 @@ def imported_modules(module_name: str) -> set[str]:
 @pytest.mark.parametrize("module", sorted(method_modules()))
 def test_no_method_module_imports_another(module):
     others = method_modules() - {module}
-    crossing = {(module, other) for other in imported_modules(module) & others} - KNOWN_CROSS_IMPORTS
-    assert not crossing, f"{module} imports method module(s) {sorted(o for _, o in crossing)}: move the shared piece into a family module"
-
-
-def test_known_cross_imports_are_still_real():
-    # The allow-list may only shrink: an entry that no longer happens must be deleted.
-    stale = {pair for pair in KNOWN_CROSS_IMPORTS if pair[1] not in imported_modules(pair[0])}
-    assert not stale
+    crossing = sorted(imported_modules(module) & others)
+    assert not crossing, f"{module} imports method module(s) {crossing}: move the shared piece into a family module"
 
 
 @pytest.mark.parametrize("pillar", sorted(REGISTRIES))

@@ -14,7 +14,8 @@ from rankwise import optim
 from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import seeded_gaussian
 from rankwise.optim import APOLLOAdamW, APOLLOMiniAdamW
-from rankwise.optim.apollo import GROWTH_LIMIT, GaussianBasis, limit_norm_growth, mix_seed
+from rankwise.optim.projectors import GaussianBasis, mix_seed
+from rankwise.optim.rules import GROWTH_LIMIT, limit_norm_growth
 
 BETAS = (0.9, 0.999)
 
@@ -96,6 +97,32 @@ def test_first_step_scales_the_raw_gradient(rows, cols, scale_type):
     torch.testing.assert_close(weight.detach(), expected)
 
 
+@pytest.mark.parametrize("proj", ["random", "svd"])
+def test_first_step_with_full_projection_scales_the_raw_gradient_by_one_ratio(proj):
+    """proj_type="full" (tensor-wise scaling): R = P_L^T G P_R on both sides, s = ||N|| / ||R||,
+    update = sqrt(scale) s G -- the raw gradient, not a projection back."""
+    weight = single_weight(6, 10)
+    before = weight.detach().clone()
+    lr, rank, scale = 0.1, 2, 3.0
+    keys = {"rank": rank, "scale_type": "tensor", "scale": scale, "proj_type": "full", "proj": proj, "seed": 7}
+    optimizer = APOLLOAdamW([{"params": [weight], **keys}], lr=lr)
+    grad = torch.randn(6, 10)
+    weight.grad = grad.clone()
+    optimizer.step()
+    if proj == "random":
+        seed, std = optimizer.state[weight]["proj_seed"], 1 / math.sqrt(rank)
+        left, right = seeded_gaussian(6, rank, seed, std=std), seeded_gaussian(10, rank, mix_seed(seed, 1), std=std)
+    else:
+        u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+        left, right = u[:, :rank], vh[:rank].T
+    low = left.T @ grad @ right
+    torch.testing.assert_close(optimizer.state[weight]["exp_avg"], (1 - BETAS[0]) * low)
+    direction = first_adam_direction(low)
+    factor = direction.norm() / (low.norm() + 1e-8)
+    step_size = lr * math.sqrt(1 - BETAS[1]) / (1 - BETAS[0])
+    torch.testing.assert_close(weight.detach(), before - step_size * math.sqrt(scale) * factor * grad)
+
+
 def test_random_projection_is_regenerated_never_stored():
     weight = single_weight(8, 12)
     optimizer = APOLLOAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2}], lr=1e-2)
@@ -131,12 +158,12 @@ def test_projection_does_not_depend_on_global_rng():
 def test_limit_norm_growth_known_answers():
     state: dict = {}
     first = torch.full((2, 3), 2.0)
-    assert torch.equal(limit_norm_growth(first.clone(), state), first)
+    assert torch.equal(limit_norm_growth(first.clone(), state, "limiter_norm"), first)
     grown = 100 * first
-    assert limit_norm_growth(grown, state) is grown  # in place
+    assert limit_norm_growth(grown, state, "limiter_norm") is grown  # in place
     torch.testing.assert_close(grown, GROWTH_LIMIT * first)  # capped at 1.01x the previous norm, same direction
     torch.testing.assert_close(state["limiter_norm"], GROWTH_LIMIT * first.norm())
-    shrunk = limit_norm_growth(0.5 * first, state)  # shrinking is never limited
+    shrunk = limit_norm_growth(0.5 * first, state, "limiter_norm")  # shrinking is never limited
     assert torch.equal(shrunk, 0.5 * first)
 
 
@@ -237,13 +264,13 @@ def test_bf16_weights_keep_their_dtype():
     ("hparams", "message"),
     [
         ({"rank": 33}, r"rank 33 exceeds min\(m, n\) = 32"),
-        ({"rank": 4, "proj": "gaussian"}, "unknown proj 'gaussian'; known: random, svd"),
-        ({"rank": 4, "scale_type": "row"}, "unknown scale_type 'row'; known: channel, tensor"),
+        ({"rank": 4, "proj": "gaussian"}, "option proj must be one of 'random', 'svd', got 'gaussian'"),
+        ({"rank": 4, "scale_type": "row"}, "option scale_type must be one of 'channel', 'tensor', got 'row'"),
         ({"rank": 4, "proj_type": "full"}, "scale_type='channel' needs one unprojected side"),
-        ({"rank": 4, "norm_growth_limiter": "yes"}, "norm_growth_limiter must be True or False"),
+        ({"rank": 4, "norm_growth_limiter": "yes"}, "norm_growth_limiter must be None or True or False"),
         ({"rank": 4, "seed": 1.5}, "seed must be an integer"),
         ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap must be an integer >= 1"),
-        ({"rank": 4, "alpha": 2.0}, "unknown hyperparameter.*alpha.*accepted: .*scale_type"),
+        ({"rank": 4, "alpha": 2.0}, r"unknown option\(s\) alpha; it accepts: .*scale_type"),
     ],
 )
 def test_bad_input_raises_before_anything_changes(hparams, message):

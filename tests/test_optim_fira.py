@@ -86,6 +86,29 @@ def test_one_step_follows_the_formula_with_alpha_and_the_limiter():
     assert optimizer.state[weight]["residual_norm"].item() == pytest.approx(1.01 * residual.norm().item(), rel=1e-5)
 
 
+def test_one_step_with_full_projection_follows_the_formula():
+    """proj_type="full": both sides projected, phi is one number ||N|| / ||R||, and the residual
+    G - L R_t R^T is added with its sign (a flipped residual moves the weight the other way)."""
+    torch.manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(6, 10))
+    optimizer = FiraAdamW([{"params": [weight], "rank": 2, "update_proj_gap": 100, "alpha": 0.5,
+                            "proj_type": "full"}], lr=0.1)
+    grad = torch.randn(6, 10)
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    left, right = u[:, :2], vh[:2].T
+    start = weight.detach().clone()
+    weight.grad = grad.clone()
+    optimizer.step()
+    low = left.T @ grad @ right  # 2 x 2
+    direction, step_size = adam_direction(low, 1)
+    phi = direction.norm() / (low.norm() + 1e-8)
+    residual = (grad - left @ low @ right.T) * phi
+    expected = start - 0.1 * step_size * (0.5 * left @ direction @ right.T + residual)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    flipped = start - 0.1 * step_size * (0.5 * left @ direction @ right.T - residual)
+    assert (weight.detach() - flipped).abs().max() > 100 * 1e-6  # the test tells the residual's sign
+
+
 def test_channel_scaling_follows_the_basis_side():
     direction = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
     low = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -141,7 +164,7 @@ def test_scale_is_an_alias_of_alpha():
     ("hparams", "message"),
     [
         ({"rank": 4, "alpha": 0.5, "scale": 2.0}, "both alpha=0.5 and scale=2.0"),
-        ({"rank": 4, "alpha": -1.0}, "scale must be a number > 0"),
+        ({"rank": 4, "alpha": -1.0}, "option alpha must be a number > 0"),
         ({"rank": 40}, r"rank 40 exceeds min\(m, n\) = 32"),
         ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap must be an integer >= 1"),
     ],

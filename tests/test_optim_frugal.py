@@ -14,7 +14,7 @@ import torch
 
 from cases.optim_frugal_ldadam import BLOCK_SEED
 from rankwise.errors import RankwiseError
-from rankwise.optim.frugal import FRUGAL, FrugalAdamW, active_blocks, coordinate_count
+from rankwise.optim.frugal import FRUGAL, FrugalAdamW, active_blocks, carry_coordinates, coordinate_count
 
 LR, BETAS, EPS = 0.1, (0.9, 0.999), 1e-6
 
@@ -30,7 +30,7 @@ def single(shape=(6, 10), seed=0, **keys) -> tuple[torch.nn.Parameter, torch.Ten
     gen = torch.Generator().manual_seed(seed)
     weight = torch.nn.Parameter(torch.randn(*shape, generator=gen))
     grad = torch.randn(*shape, generator=gen)
-    optimizer = FrugalAdamW([{"params": [weight], "rank": None, **keys}], lr=LR, betas=BETAS, eps=EPS)
+    optimizer = FrugalAdamW([{"params": [weight], "rank": None, **keys}], lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     return weight, grad, optimizer
 
 
@@ -108,9 +108,9 @@ def test_moments_reset_at_each_switch_by_default():
 
 
 def test_coordinates_rotate_carries_moments_of_entries_selected_again():
-    optimizer = single(proj="coordinates", density=0.5)[2]
+    group = single(proj="coordinates", density=0.5)[2].param_groups[0]
     state = {"exp_avg": torch.tensor([1.0, 2.0, 3.0]), "exp_avg_sq": torch.tensor([4.0, 5.0, 6.0])}
-    optimizer._carry_coordinates(state, torch.tensor([2, 5, 9]), torch.tensor([0, 5, 9]))
+    carry_coordinates(state, group, torch.tensor([2, 5, 9]), torch.tensor([0, 5, 9]))
     assert torch.equal(state["exp_avg"], torch.tensor([0.0, 2.0, 3.0]))
     assert torch.equal(state["exp_avg_sq"], torch.tensor([0.0, 5.0, 6.0]))
 
@@ -145,7 +145,8 @@ def test_blocks_cycle_through_the_group_every_gap(order, expected):
 def test_blocks_state_free_weights_take_sign_steps_and_hold_no_state():
     params = block_model()
     grads = [torch.randn(4, 5, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    optimizer = FRUGAL([{"params": params, "rank": None, "density": 0.25, "seed": 3}], lr=LR, betas=BETAS, eps=EPS)
+    optimizer = FRUGAL([{"params": params, "rank": None, "density": 0.25, "seed": 3}], lr=LR, betas=BETAS, eps=EPS,
+                       weight_decay=0.0)
     before = [p.detach().clone() for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
@@ -169,11 +170,11 @@ def test_random_block_choice_is_seeded_and_changes_at_refresh():
     "keys, message",
     [
         ({"density": 1.5}, "density must be"),
-        ({"proj": "columns"}, "unknown proj"),
-        ({"state_free": "adam"}, "unknown state_free"),
+        ({"proj": "columns"}, "option proj must be one of"),
+        ({"state_free": "adam"}, "option state_free must be one of"),
         ({"proj": "coordinates", "rank": 2}, "rank applies to"),
         ({"proj": "svd", "density": 0.01}, "leaves no state-full part"),
-        ({"block_order": "mirror"}, "unknown block_order"),
+        ({"block_order": "mirror"}, "option block_order must be one of"),
         ({"state_free_lr_scale": -1.0}, "state_free_lr_scale"),
         ({"proj": "svd", "rank": 7}, "rank 7 exceeds"),
     ],
@@ -184,3 +185,11 @@ def test_bad_groups_raise_before_anything_changes(keys, message):
     with pytest.raises(RankwiseError, match=message):
         FrugalAdamW([{"params": [weight], "rank": None, **keys}], lr=LR)
     assert torch.equal(weight, before)
+
+
+def test_defaults_are_the_authors_code():
+    """AdamW eps 1e-8 and weight decay 0.01, density 0.25, gap 200, signSGD, reset, random blocks."""
+    optimizer = FrugalAdamW([{"params": [torch.nn.Parameter(torch.randn(6, 10))], "rank": None}])
+    group = optimizer.param_groups[0]
+    keys = ("eps", "weight_decay", "density", "update_proj_gap", "state_free", "moment_policy", "proj", "block_order")
+    assert tuple(group[k] for k in keys) == (1e-8, 0.01, 0.25, 200, "sign", "reset", "blocks", "random")

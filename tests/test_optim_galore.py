@@ -1,8 +1,7 @@
-"""GaLore against the galore-torch oracle, bad input, moment policies, SVD failures."""
+"""GaLore: paper defaults and state, the projection, bad input, moment policies, SVD failures.
+The comparison with the galore-torch oracle is in test_optim_galore_oracle.py."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -15,9 +14,6 @@ from rankwise.linalg import projections
 from rankwise.linalg.projections import Basis, change_coordinates
 from rankwise.optim import GaLoreAdamW
 
-galore_torch = pytest.importorskip("galore_torch")
-
-
 def galore_groups(model, **projected_keys):
     projected, others = optim.split_parameters(model)
     return [{"params": others}, {"params": [p for _, p in projected], **projected_keys}]
@@ -28,24 +24,6 @@ def train(model, optimizer, steps):
         model(**make_batch(seed=i)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-
-
-@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
-def test_matches_galore_torch(proj_type):
-    keys = {"rank": 8, "update_proj_gap": 4, "scale": 0.25, "proj_type": proj_type}
-    ours, theirs = make_llama(), make_llama()
-    ours_opt = GaLoreAdamW(galore_groups(ours, **keys), lr=1e-2, weight_decay=0.01)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        theirs_opt = galore_torch.GaLoreAdamW(galore_groups(theirs, **keys), lr=1e-2, weight_decay=0.01)
-    train(ours, ours_opt, 9)  # refreshes at steps 0, 4 and 8
-    train(theirs, theirs_opt, 9)
-    initial = make_llama()
-    moved = 0.0
-    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # bitwise equal on CPU here
-        moved = max(moved, (a - initial.get_parameter(name)).abs().max().item())
-    assert moved > 1e-2  # the comparison is between trained weights, not two initialisations
 
 
 def test_build_uses_paper_defaults_and_state_shapes():
@@ -109,11 +87,11 @@ def test_reset_policy_restarts_the_moments_at_a_switch():
         ({"rank": 0}, "rank must be an integer"),
         ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap must be an integer >= 1"),
         ({"rank": 4, "update_proj_gap": 2.5}, "update_proj_gap must be an integer >= 1"),
-        ({"rank": 4, "proj_type": "diagonal"}, "unknown proj_type 'diagonal'; known: std, reverse_std"),
-        ({"rank": 4, "moment_policy": "spin"}, "unknown moment_policy 'spin'; known: keep, reset, rotate"),
+        ({"rank": 4, "proj_type": "diagonal"}, "option proj_type must be one of 'std', 'reverse_std'"),
+        ({"rank": 4, "moment_policy": "spin"}, "option moment_policy must be one of 'keep', 'reset', 'rotate'"),
         ({"rank": 4, "scale": -1.0}, "scale must be a number > 0"),
-        ({"rank": 4, "betas": (0.9, 1.5)}, "betas must be two numbers"),
-        ({"rank": 4, "alpha": 2.0}, "unknown hyperparameter.*alpha.*accepted: .*rank"),
+        ({"rank": 4, "betas": (0.9, 1.5)}, "betas must be a sequence of 2 numbers"),
+        ({"rank": 4, "alpha": 2.0}, r"unknown option\(s\) alpha; it accepts: .*rank"),
     ],
 )
 def test_bad_input_raises_before_anything_changes(hparams, message):

@@ -137,9 +137,9 @@ def test_error_feedback_survives_a_cleared_gradient():
 @pytest.mark.parametrize(
     "keys, message",
     [
-        ({"proj_type": "full"}, "one side only"),
+        ({"proj_type": "full"}, "option proj_type must be one of 'std', 'reverse_std', 'left', 'right', got 'full'"),
         ({"rho": 1.0}, "rho must be"),
-        ({"proj_method": "qr"}, "unknown proj_method"),
+        ({"proj_method": "qr"}, "option proj_method must be one of"),
         ({"error_feedback": "yes"}, "error_feedback must be"),
         ({"rank": 7}, "rank 7 exceeds"),
     ],

@@ -6,6 +6,11 @@ for ``coordinates`` (indices regenerated from a seed), or a whole weight for a s
 block (nothing for a state-free one). LDAdam keeps GaLore's moments and basis plus, with
 error feedback, the ``m x n`` error. GradNormLoRP keeps GaLore's state for the direction plus
 four numbers per row: the magnitude, the direction's norm and the magnitude's two moments.
+
+FRUGAL's signSGD on the state-free part is discontinuous in the gradient: accumulated
+micro-batches and one full batch (gradients equal up to float summation order) may flip a
+sign. Measured: at most 1e-4 of the distance moved in 3 steps; a lost weight decay moves the
+rows 1.8-10.6%; ``accumulation_tolerance`` is 1e-3.
 """
 
 from __future__ import annotations
@@ -52,21 +57,25 @@ CASES = [
         "frugal",
         {"proj": "svd", "update_proj_gap": 2},
         lambda m, n: galore_weight_bytes(m, n, frugal_rank(m, n)),
+        accumulation_tolerance=1e-3,
     ),
     OptimizerCase(
         "frugal",
         {"proj": "random", "update_proj_gap": 2, "moment_policy": "rotate", "state_free": "sgd"},
         frugal_random_bytes,
+        accumulation_tolerance=1e-3,
     ),
     OptimizerCase(
         "frugal",
         {"proj": "coordinates", "update_proj_gap": 2, "moment_policy": "rotate"},
         frugal_coordinate_bytes,
+        accumulation_tolerance=1e-3,
     ),
     OptimizerCase(
         "frugal",
         {"proj": "blocks", "update_proj_gap": 2, "density": 0.15, "seed": BLOCK_SEED},
         frugal_random_block_bytes,
+        accumulation_tolerance=1e-3,
     ),
     OptimizerCase("ldadam", {"rank": 4}, lambda m, n: ldadam_bytes(m, n, 4)),
     OptimizerCase(

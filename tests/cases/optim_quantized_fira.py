@@ -1,4 +1,13 @@
-"""Common-suite rows of galore8bit, qgalore and fira, with their exact state-byte formulas."""
+"""Common-suite rows of galore8bit, qgalore and fira, with their exact state-byte formulas.
+
+``accumulation_tolerance`` of the quantised rows (tests/test_optim_layerwise.py: accumulated
+micro-batches against one full batch, whose gradients differ in float summation order only):
+a summation-order difference can flip a quantisation bin. Measured (share of the distance
+moved in 3 steps, worst parameter): galore8bit 4e-4 / 0, qgalore 0.009 (its INT4 projector
+codes flip), with INT8 weights 0.052 (the weights' own rounding). Dropping the weight decay
+moves these rows 1.8% (0.05% for the INT8 row, below its rounding: the exact comparisons of
+the layerwise and distributed tests catch that).
+"""
 
 from __future__ import annotations
 
@@ -49,18 +58,21 @@ CASES = [
         {"rank": 8, "update_proj_gap": 2, "min_8bit_size": 0},
         lambda m, n: galore8bit_weight_bytes(m, n, 8, 0),
         lambda numel: moments_8bit_bytes(numel, 0),
+        accumulation_tolerance=2e-3,
     ),
     OptimizerCase(
         "galore8bit",
         {"rank": 4, "update_proj_gap": 2, "moment_policy": "rotate"},
         lambda m, n: galore8bit_weight_bytes(m, n, 4),  # below 4096 numbers: fp32 moments
         moments_8bit_bytes,  # embed_tokens and lm_head (4096 numbers) are 8-bit, norms fp32
+        accumulation_tolerance=2e-3,
     ),
     OptimizerCase(
         "qgalore",
         {"rank": 8, "update_proj_gap": 2, "min_8bit_size": 0},
         lambda m, n: qgalore_weight_bytes(m, n, 8, min_8bit_size=0),
         lambda numel: moments_8bit_bytes(numel, 0),
+        accumulation_tolerance=0.014,
     ),
     OptimizerCase(
         "qgalore",
@@ -74,6 +86,7 @@ CASES = [
         },
         lambda m, n: qgalore_weight_bytes(m, n, 4, min_8bit_size=0, group=64, queue=3, weight_group=256),
         lambda numel: moments_8bit_bytes(numel, 0),
+        accumulation_tolerance=0.08,
     ),
     OptimizerCase("fira", {"rank": 8, "update_proj_gap": 2}, lambda m, n: galore_weight_bytes(m, n, 8) + FP32),
     OptimizerCase(

@@ -25,18 +25,35 @@ def galore_weight_bytes(m: int, n: int, rank: int) -> int:
 
 @dataclass(frozen=True)
 class OptimizerCase:
-    """One optimizer configuration in the common suite (tests/test_optim.py).
+    """One optimizer configuration in the common suite (tests/test_optim.py); every registered
+    optimizer needs at least one row (the suite fails otherwise).
 
-    weight_bytes(m, n): exact optimizer-state bytes of one targeted fp32 m x n weight;
+    weight_bytes(m, n): exact optimizer-state bytes of one method-trained fp32 m x n weight (a
+    targeted Linear weight, or an adapted layer's out x in for optimizers of adapters);
     other_bytes(numel): state bytes of one parameter of the other (AdamW) group;
     shared_bytes(shapes): buffers shared between weights, counted once.
+    adapter: the adapter method the model is adapted with first (rank 4, alpha 8), for
+    optimizers that train adapters (LoRA-Pro); None for optimizers of the plain model.
+    loss_ratio: the loss after 20 steps on one batch must be below this share of the first.
+    accumulation_tolerance: for updates that are discontinuous in the gradient (quantisation
+    bins, signs), the largest relative distance (in Frobenius norm, of the distance moved)
+    allowed between accumulated micro-batches and one full batch, whose gradients differ by
+    float summation order only; None = equal to float tolerance.
     """
 
     name: str
     hparams: dict
-    weight_bytes: Callable[[int, int], int]  # state of one targeted m x n weight
+    weight_bytes: Callable[[int, int], int]  # state of one method-trained m x n weight
     other_bytes: Callable[[int], int] = adam_bytes  # state of one other parameter, by numel
     low_rank: bool = True  # state must be below AdamW's
     lr: float = 1e-2
     #: bytes of ``optimizer.shared_buffers`` given the projected weights' shapes (DCT bases)
     shared_bytes: Callable[[Sequence[tuple[int, int]]], int] = lambda shapes: 0
+    adapter: str | None = None
+    #: final / initial loss after 20 steps on one batch (only adapters train when ``adapter`` is set)
+    loss_ratio: float = 0.5
+    accumulation_tolerance: float | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{'-'.join(f'{k}={v}' for k, v in self.hparams.items())}"

@@ -69,10 +69,9 @@ def unavailable_reason(name: str) -> str | None:
 
 def default_scale(ref: Reference) -> float:
     """The scale the rankwise counterpart uses when none is given (its paper's default)."""
-    from rankwise.optim import OPTIMIZERS
+    from rankwise.optim import method_options
 
-    builder = OPTIMIZERS.get(ref.counterpart)  # the bound classmethod ``Class.from_parameters``
-    return float(builder.__self__.method_defaults[ref.scale_key])
+    return float(method_options(ref.counterpart)[ref.scale_key].default)
 
 
 def build_reference(

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import inspect
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from rankwise import adapters, optim
@@ -27,43 +25,6 @@ from rankwise.pretrain import method_options as parametrisation_options
 from rankwise.registry import Registry
 
 
-def _options_until_the_merge(pillar: ModuleType) -> Callable[[str], dict[str, Option]]:
-    """TEMPORARY: delete at the merge of the adapters and optim architecture branches.
-
-    Those branches give ``rankwise.adapters.method_options`` and ``rankwise.optim.method_options``
-    (Option declarations with help); at the merge, write ``adapters.method_options`` and
-    ``optim.method_options`` in ``PILLARS`` and delete this function. Until then it uses them
-    when present, else builds Options from the plain defaults those pillars declare today
-    (adapters' ``OPTIONS``; an optimizer class's ``method_defaults`` and its Adam keywords),
-    the kind taken from each default's type (None: an integer or None).
-    """
-    declared = getattr(pillar, "method_options", None)
-    if declared is not None:
-        return declared
-
-    def from_defaults(name: str) -> dict[str, Option]:
-        if pillar is adapters:
-            defaults = adapters.ADAPTERS.get(name).option_defaults()
-        else:
-            cls = getattr(optim.OPTIMIZERS.get(name), "__self__", None)
-            if cls is None:  # a plain builder function keeps its accepted keys in its code
-                return {}
-            keywords = inspect.signature(cls.__init__).parameters
-            adam = {k: keywords[k].default for k in ("betas", "eps", "weight_decay", "correct_bias") if k in keywords}
-            defaults = {**adam, **cls.method_defaults}
-        kinds = {bool: bool, int: int, float: float, str: str, tuple: tuple, list: tuple, dict: dict}
-
-        def option(value: Any) -> Option:
-            kind = kinds.get(type(value), int)
-            item = type(value[0]) if kind is tuple and value and len({type(v) for v in value}) == 1 else None
-            return Option(value, kind, item=item, nullable=value is None,
-                          help="(help arrives with the pillar's Option declarations)")
-
-        return {key: option(value) for key, value in defaults.items()}
-
-    return from_defaults
-
-
 @dataclass(frozen=True)
 class Pillar:
     """A pillar as the command line sees it."""
@@ -76,7 +37,7 @@ class Pillar:
 
 PILLARS: dict[str, Pillar] = {
     "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, adapters.method_options),
-    "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, _options_until_the_merge(optim)),
+    "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, optim.method_options),
     "pretrain": Pillar("pretrain", "pretraining parametrisation", PARAMETRISATIONS, parametrisation_options),
     "compress": Pillar("compress", "compression method", COMPRESSORS, compressor_options),
     "analyze": Pillar("analyze", "diagnostic", DIAGNOSTICS, diagnostic_options),

@@ -30,39 +30,63 @@ State per ``m x n`` weight (``m <= n``): moments ``2 r n`` plus ``r`` int32 indi
 (matmul backend) the ``m x m`` matrix shared by every weight whose projected side has size ``m``.
 
 Error feedback (the paper's ``Xi``; ``error_feedback=True``): the discarded part of the
-corrected gradient is carried to the next step::
+corrected gradient is carried to the next step (:class:`rankwise.optim.rules.ErrorFeedback`)::
 
     G~_t = G_t + Xi_{t-1} ;  I and g_t are computed from G~_t ;  Xi_t = G~_t - g_t Q[:, I]^T
 
 so ``sum_t g_t Q[:, I_t]^T + Xi_T = sum_t G_t``: no gradient is lost, only delayed. It costs
-a full ``m x n`` buffer per weight (in the weight's dtype), so it is off by default.
+a full ``m x n`` buffer per weight (``state["error"]``, in the weight's dtype), so it is off
+by default.
 
-Deviations from the paper:
+Adam in the paper's form (Algorithm ``DCT-AdamW``; also the authors' release,
+ISTA-DASLab-Optimizers' ``DCTAdamW``): ``eps`` is added to the *bias-corrected*
+``sqrt(v_hat)`` and defaults to 1e-8::
+
+    W -= lr * m_hat / (sqrt(v_hat) + eps) Q[:, I]^T,   m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)
+
+rankwise's common Adam adds ``eps`` to the uncorrected ``sqrt(v)`` with the correction in the
+step size; DCT passes ``eps * sqrt(1 - b2^t)`` there, which is the same update exactly. (With
+GaLore's 1e-6 on the uncorrected ``sqrt(v)`` the damping would be 100x the paper's in steady
+state and ~3000x at the first step.)
+
+Deviations from the paper / the authors' release:
+- ``update_proj_gap`` defaults to 1 (a new column selection at every step: the selection
+  costs one matmul or FFT, which is the paper's point), the default of the authors' release;
+  the paper's algorithm is written for a gap ``T_u``. (rankwise's earlier default, 200, was
+  GaLore's.)
+- ``moment_policy`` defaults to ``rotate`` (the paper's algorithm rotates the moments by
+  ``R = Q_prev^T Q_crt``; the release's ``rotate_subspace`` defaults to False); ``keep`` and
+  ``reset`` are offered.
 - Error feedback is off by default (the residual is dropped, as in GaLore), because its
-  buffer is larger than the memory the projection saves.
-- ``scale`` (default 1.0, i.e. the paper's update) multiplies the update as GaLore's does,
-  and ``moment_policy`` may be ``keep`` or ``reset`` instead of the paper's ``rotate``.
+  buffer is larger than the memory the projection saves; the paper treats it as an option too.
+- ``scale`` (default 1.0, i.e. the paper's update) multiplies the update as GaLore's does.
 - The projected side follows GaLore's ``proj_type`` (``std``: the shorter side, so the shared
   matrix is ``min(m, n)`` square).
+- Weight decay is applied after the update (the release decays before it).
 - With the matmul backend ``S`` is computed in the weight's dtype (bf16 for bf16 weights,
-  with a bf16 ``Q``); the fft backend computes it in float32.
+  with a bf16 ``Q``); the fft backend computes it in float32 (float64 for float64 weights).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from rankwise.errors import RankwiseError
 from rankwise.linalg.dct import dct_columns, dct_matrix, dct_rows
 from rankwise.linalg.projections import Basis, projection_sides
-from rankwise.optim.core import OPTIMIZERS, DropResidual, LowRankAdamW, LowRankStep, Projector
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.inner import AdamMoments
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import ADAM, SUBSPACE, with_defaults
+from rankwise.optim.pieces import Projector
+from rankwise.optim.rules import ErrorFeedback, add_error
+from rankwise.options import Option
 
 DCT_BACKENDS = ("matmul", "fft")
 INDEX_DTYPE = torch.int32
-FEEDBACK_KEY = "error_feedback"  # state key of the error-feedback buffer Xi
 
 
 @dataclass(frozen=True)
@@ -71,16 +95,10 @@ class SelectedColumnsBasis(Basis):
 
     :meth:`transition` is computed from the indices: ``C[i, j] = 1`` iff old index ``i``
     equals new index ``j`` (exactly ``L_new^T L_old`` / ``R_old^T R_new`` without round-off).
-    With error feedback, ``feedback`` is the buffer ``Xi`` and :meth:`project` projects the
-    corrected gradient ``G + Xi``.
     """
 
     left_indices: torch.Tensor | None = None
     right_indices: torch.Tensor | None = None
-    feedback: torch.Tensor | None = None
-
-    def project(self, matrix: torch.Tensor) -> torch.Tensor:
-        return super().project(matrix if self.feedback is None else matrix + self.feedback)
 
     def transition(self, new: Basis) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not isinstance(new, SelectedColumnsBasis):
@@ -133,8 +151,6 @@ class DCTProjector(Projector):
         return self.dct(size, like).index_select(1, indices)
 
     def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        if FEEDBACK_KEY in state:
-            grad = grad + state[FEEDBACK_KEY]  # select on the corrected gradient
         use_left, use_right = projection_sides(grad.shape, self.proj_type)
         for side, used, size in (("left", use_left, grad.shape[0]), ("right", use_right, grad.shape[1])):
             if used:
@@ -149,54 +165,50 @@ class DCTProjector(Projector):
         left_indices, right_indices = state.get("proj_left_indices"), state.get("proj_right_indices")
         left = self.columns(param.shape[0], left_indices, param) if left_indices is not None else None
         right = self.columns(param.shape[1], right_indices, param) if right_indices is not None else None
-        return SelectedColumnsBasis(left, right, left_indices, right_indices, state.get(FEEDBACK_KEY))
+        return SelectedColumnsBasis(left, right, left_indices, right_indices)
 
 
-class DropOrFeedResidual(DropResidual):
-    """GaLore's update ``scale * L direction R^T``; with ``error_feedback`` the discarded part
-    ``Xi <- (G + Xi) - L L^T (G + Xi) R R^T`` is kept in ``state["error_feedback"]`` for the next step."""
+class CorrectedEpsAdam(AdamMoments):
+    """Adam with ``eps`` added to the bias-corrected ``sqrt(v_hat)`` (the paper's form): the
+    common Adam with ``eps * sqrt(1 - b2^t)`` on the uncorrected ``sqrt(v)``."""
 
-    def combine(self, step: LowRankStep) -> torch.Tensor:
-        if step.group["error_feedback"]:
-            corrected = step.grad + step.state[FEEDBACK_KEY] if FEEDBACK_KEY in step.state else step.grad
-            step.state[FEEDBACK_KEY] = corrected - step.project_back(step.low_grad)
-        return super().combine(step)
+    def update(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any]) -> tuple[torch.Tensor, float]:
+        if not group["correct_bias"]:
+            return super().update(state, grad, group)
+        steps = state["step"] - state.get("moment_origin", 0)
+        eps = group["eps"] * math.sqrt(1.0 - group["betas"][1] ** steps)
+        return super().update(state, grad, {**group, "eps": eps})
 
 
+@OPTIMIZERS.register(
+    "dct",
+    family="dct",
+    paper="FFT-based Dynamic Subspace Selection for Low-Rank Adaptive Optimization of Large Language Models",
+    arxiv="2505.17967",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
 class DCTAdamW(LowRankAdamW):
     """Adam on the ``rank`` DCT columns best aligned with each gradient (see module docstring).
 
-    ``DCTAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True)``;
-    group keys ``rank``, ``update_proj_gap``, ``scale``, ``proj_type`` (as GaLore),
-    ``moment_policy`` (default ``rotate``), ``dct_backend`` (matmul | fft) and
-    ``error_feedback`` (default False).
+    ``DCTAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, correct_bias=True)``
+    (``eps`` on the bias-corrected ``sqrt(v_hat)``); group keys ``rank``, ``update_proj_gap``
+    (default 1), ``scale``, ``proj_type`` (as GaLore), ``moment_policy`` (default ``rotate``),
+    ``bias_correction``, ``dct_backend`` (matmul | fft) and ``error_feedback`` (default False).
     """
 
-    residual = DropOrFeedResidual()
-    method_defaults = {
-        "rank": 128,
-        "update_proj_gap": 200,
-        "scale": 1.0,
-        "proj_type": "std",
-        "moment_policy": "rotate",
-        "dct_backend": "matmul",
-        "error_feedback": False,
+    inner = CorrectedEpsAdam()
+    update_rule = ErrorFeedback()
+    HYPERPARAMETERS = with_defaults(ADAM, eps=1e-8)
+    OPTIONS = {
+        **with_defaults(SUBSPACE, update_proj_gap=1, scale=1.0, moment_policy="rotate"),
+        "dct_backend": Option("matmul", str, choices=DCT_BACKENDS,
+                              help="matmul: one shared DCT matrix per size; fft: Makhoul's FFT, no matrix stored"),
+        "error_feedback": Option(False, bool, help="carry the dropped part of each gradient to the next step (m x n)"),
     }
 
     def projector_for(self, group: Mapping[str, Any]) -> Projector:
         return DCTProjector(group["rank"], group["proj_type"], group["dct_backend"], self.shared_buffers)
 
-    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        super().validate_projected_group(group, params)
-        if group["dct_backend"] not in DCT_BACKENDS:
-            raise RankwiseError(f"unknown dct_backend {group['dct_backend']!r}; known: {', '.join(DCT_BACKENDS)}")
-        if not isinstance(group["error_feedback"], bool):
-            raise RankwiseError(f"error_feedback must be True or False, got {group['error_feedback']!r}")
-
-
-OPTIMIZERS.register(
-    "dct",
-    family="dct",
-    paper="SVD-Free Low-Rank Adaptive Gradient Optimization for Large Language Models",
-    arxiv="2505.17967",
-)(DCTAdamW.from_parameters)
+    def prepare_gradient(self, grad: torch.Tensor, state: dict, group: Mapping[str, Any]) -> torch.Tensor:
+        """``G + Xi``: the selection and the step see the corrected gradient."""
+        return add_error(grad, state, group)

@@ -6,7 +6,7 @@ deterministic for identical inputs; random projectors draw from per-parameter se
 from the global RNG) and the replicas stay identical. Nothing here is needed for it.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters and gradients are DTensor shards
-(``Shard(0)``: each rank holds a block of rows). :meth:`LowRankAdamW.step_parameter`
+(``Shard(0)``: each rank holds a block of rows). :meth:`rankwise.optim.lowrank.LowRankAdamW.step_parameter`
 dispatches them to :func:`step_sharded`:
 
 * a projected parameter needs the whole gradient matrix (GaLore's SVD is of ``G``, not of a
@@ -57,8 +57,9 @@ def is_distributed() -> bool:
 
 
 @torch.no_grad()
-def step_sharded(optimizer: Any, param: torch.Tensor, group: Mapping[str, Any]) -> None:
-    """One step of the FSDP2 shard ``param`` (a DTensor) with ``optimizer.step_parameter``.
+def step_sharded(optimizer: Any, param: torch.Tensor, group: Mapping[str, Any]) -> bool:
+    """One step of the FSDP2 shard ``param`` (a DTensor) with ``optimizer.step_parameter``; True
+    when it stepped.
 
     Projected groups: gather ``G`` and ``W``, step the full matrix, keep the local rows.
     Other groups: step the local shard (element-wise AdamW needs nothing else).
@@ -68,15 +69,15 @@ def step_sharded(optimizer: Any, param: torch.Tensor, group: Mapping[str, Any]) 
     dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=param.device_mesh.get_group())
     if not bool(finite.item()):
         optimizer.warn_once("nonfinite", NONFINITE_MESSAGE)
-        return
+        return False
     local = param.to_local()
     if "rank" not in group:
-        optimizer.step_parameter(param, group, weight=local, grad=grad.to_local())
-        return
+        return optimizer.step_parameter(param, group, weight=local, grad=grad.to_local())
     weight = param.full_tensor()
-    optimizer.step_parameter(param, group, weight=weight, grad=grad.full_tensor())
+    stepped = optimizer.step_parameter(param, group, weight=weight, grad=grad.full_tensor())
     # every rank computed the same full result: take this rank's block without communication
     local.copy_(distribute_tensor(weight, param.device_mesh, param.placements, src_data_rank=None).to_local())
+    return stepped
 
 
 def average_gradient(grad: torch.Tensor) -> None:

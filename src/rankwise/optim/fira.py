@@ -32,22 +32,29 @@ Deviations from the reference package (fira 1.0.2):
   ``alpha = 1``, the package's default.
 - ``proj_type="full"`` uses one tensor-wise ratio (the package fails to broadcast) and the
   channel side follows the basis side, also when ``rank`` equals a dimension.
+- The limiter's norms are kept in float32 (float64 for float64 weights) whatever the weight
+  dtype (:func:`rankwise.optim.rules.limit_norm_growth`, shared with APOLLO).
 - As every rankwise optimizer: projector as tensors (``weights_only`` checkpoints),
   non-finite gradients and failed SVDs never reach the weights, ``moment_policy``
-  (default ``keep``, the paper's).
+  (default ``keep``, the paper's) and ``bias_correction`` (default ``global``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.optim.core import OPTIMIZERS, LowRankAdamW, LowRankStep, ResidualRule, SVDProjector
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import SUBSPACE, without
+from rankwise.optim.pieces import LowRankStep, UpdateRule
+from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.rules import limit_norm_growth
+from rankwise.options import Option
 
-NORM_GROWTH_LIMIT = 1.01  # gamma of the norm-growth limiter (paper and package)
 RATIO_EPS = 1e-8  # keeps phi finite on channels where R_t is zero
 
 
@@ -64,69 +71,39 @@ def channel_scaling(direction: torch.Tensor, low_grad: torch.Tensor, *, left: bo
     return ratio if left else ratio.unsqueeze(1)
 
 
-class FiraResidual(ResidualRule):
+class FiraResidual(UpdateRule):
     """``alpha P N + limiter(phi * (G - P R))`` (see module docstring)."""
 
     def combine(self, step: LowRankStep) -> torch.Tensor:
-        basis, state = step.basis, step.state
+        basis = step.basis
         phi = channel_scaling(
             step.direction, step.low_grad, left=basis.left is not None, right=basis.right is not None
         )
-        residual = (step.grad - step.project_back(step.low_grad)) * phi
-        norm = residual.norm()
-        if "residual_norm" in state:
-            growth = norm / (state["residual_norm"] + RATIO_EPS)
-            limiter = torch.clamp(growth, min=NORM_GROWTH_LIMIT) / NORM_GROWTH_LIMIT
-            residual = residual / limiter
-            norm = norm / limiter
-        state["residual_norm"] = norm
+        residual = limit_norm_growth((step.grad - step.project_back(step.low_grad)) * phi, step.state, "residual_norm")
         return step.project_back(step.direction) * step.group["alpha"] + residual
 
 
+@OPTIMIZERS.register(
+    "fira",
+    family="galore",
+    paper="Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?",
+    arxiv="2410.01623",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
 class FiraAdamW(LowRankAdamW):
-    """Drop-in for ``fira.FiraAdamW``: a group is projected iff it has ``rank``; scale key ``alpha``.
+    """Drop-in for ``fira.FiraAdamW``: a group is projected iff it has ``rank``; scale key ``alpha``
+    (``scale`` is accepted as another name for it).
 
     ``FiraAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True)``
     """
 
     projector = SVDProjector()
-    residual = FiraResidual()
-    method_defaults = {
-        "rank": 128,
-        "update_proj_gap": 200,
-        "alpha": 1.0,
-        "proj_type": "std",
-        "moment_policy": "keep",
+    update_rule = FiraResidual()
+    OPTIONS = {
+        **without(SUBSPACE, "scale"),
+        "alpha": Option(1.0, float, low=0, low_open=True, help="scale of the low-rank update alpha P N (fira's name)"),
     }
-
-    @classmethod
-    def from_parameters(
-        cls, projected: Sequence[tuple[str, torch.Tensor]], others: Sequence[torch.Tensor], *, lr: float, **hparams: Any
-    ) -> "FiraAdamW":
-        """As :meth:`LowRankAdamW.from_parameters`; ``scale`` is an alias of ``alpha``."""
-        return super().from_parameters(projected, others, lr=lr, **_scale_as_alpha(hparams))
-
-    def add_param_group(self, param_group: dict) -> None:
-        group = dict(param_group)
-        if "rank" in group:
-            group = _scale_as_alpha(group)
-        super().add_param_group(group)
-
-    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        # The base class checks the scale under its common name.
-        super().validate_projected_group({**group, "scale": group["alpha"]}, params)
-
-
-def _scale_as_alpha(keys: Mapping[str, Any]) -> dict[str, Any]:
-    keys = dict(keys)
-    if "scale" in keys:
-        if "alpha" in keys and keys["alpha"] != keys["scale"]:
-            raise RankwiseError(
-                f"FiraAdamW got both alpha={keys['alpha']!r} and scale={keys['scale']!r}; "
-                "they are the same setting (fira calls it alpha): pass one"
-            )
-        keys["alpha"] = keys.pop("scale")
-    return keys
+    ALIASES = {"scale": "alpha"}
 
 
 def divide_params(
@@ -155,11 +132,3 @@ def divide_params(
     regular = [p for p in model.parameters() if id(p) not in chosen]
     keys = {"rank": rank, "update_proj_gap": update_proj_gap, "alpha": alpha, "proj_type": proj_type}
     return [{"params": regular}, {"params": projected, **keys}]
-
-
-OPTIMIZERS.register(
-    "fira",
-    family="galore",
-    paper="Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?",
-    arxiv="2410.01623",
-)(FiraAdamW.from_parameters)

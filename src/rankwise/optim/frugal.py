@@ -41,8 +41,14 @@ Keys and the authors' released code: ``density`` (rho),
 ``proj_type``), ``proj_type`` (their ``proj_side``), ``block_order``, ``moment_policy``
 (their ``reset_statistics``: True = reset, False = keep), ``seed``.
 
+Defaults are the authors' released code's (``BlockAdamW`` / ``GaloreAdamW`` of the FRUGAL
+repository): AdamW with ``eps`` 1e-8 and ``weight_decay`` 0.01 (HF AdamW form: ``eps`` on the
+uncorrected ``sqrt(V)``), density 0.25, gap 200, signSGD on the state-free part, statistics
+reset at each switch, blocks in random order.
+
 Deviations:
-- Weight decay is applied after the update (the authors' code decays before it).
+- Weight decay is applied after the update (the authors' code decays before it), to every
+  weight of the group, state-full or state-free.
 - ``moment_policy="rotate"`` is offered (the paper resets or keeps): bases rotate as
   GaLore's; ``coordinates`` carry the moments of entries selected again to their new
   position, new entries start at zero; ``blocks`` keep the moments of a weight that stays
@@ -61,7 +67,6 @@ Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -69,8 +74,13 @@ import torch
 from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import Basis, projection_sides, seeded_gaussian
 from rankwise.linalg.svd import orthonormal_basis
-from rankwise.optim.apollo import mix_seed
-from rankwise.optim.core import OPTIMIZERS, LowRankAdamW, LowRankStep, Projector, ResidualRule, SVDProjector
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.inner import WEIGHT_KEYS, bias_corrections
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import ADAM, SEED, SUBSPACE, with_defaults
+from rankwise.optim.pieces import LowRankStep, Projector, UpdateRule
+from rankwise.optim.projectors import SeededProjector, SVDProjector, mix_seed
+from rankwise.options import Option
 
 PROJECTIONS = ("blocks", "svd", "random", "coordinates")
 STATE_FREE_RULES = ("sign", "sgd", "none")
@@ -116,25 +126,21 @@ class RankedSVDProjector(SVDProjector):
         super().refresh(state, grad, {**group, "rank": subspace_rank(grad.shape, group)}, seed=seed)
 
 
-class RandomOrthogonalProjector(Projector):
+class RandomOrthogonalProjector(SeededProjector):
     """Random orthonormal columns (QR of a seeded Gaussian), regenerated from ``state["proj_seed"]``."""
 
     def __init__(self, group: Mapping[str, Any]) -> None:
         self.group = group
 
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        state["proj_seed"] = mix_seed(seed, state["step"])
-
-    def has_basis(self, state: Mapping[str, Any]) -> bool:
-        return "proj_seed" in state
-
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> Basis:
         use_left, use_right = projection_sides(param.shape, self.group["proj_type"])
         rank, seed = subspace_rank(param.shape, self.group), state["proj_seed"]
 
+        work = torch.promote_types(param.dtype, torch.float32)  # drawn in float32, orthonormalised in >= float32
+
         def orthonormal(rows: int, salt: int) -> torch.Tensor:
             gaussian = seeded_gaussian(rows, rank, mix_seed(seed, salt), device=param.device)
-            return orthonormal_basis(gaussian).to(param.dtype)
+            return orthonormal_basis(gaussian.to(work)).to(param.dtype)
 
         left = orthonormal(param.shape[0], 0) if use_left else None
         return Basis(left, orthonormal(param.shape[1], 1) if use_right else None)
@@ -155,17 +161,11 @@ class CoordinateBasis(Basis):
         return full.index_copy_(0, self.indices, low).view(self.shape)
 
 
-class CoordinateProjector(Projector):
+class CoordinateProjector(SeededProjector):
     """``round(rho m n)`` random entries, drawn (and redrawn at every step) from ``state["proj_seed"]``."""
 
     def __init__(self, group: Mapping[str, Any]) -> None:
         self.group = group
-
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        state["proj_seed"] = mix_seed(seed, state["step"])
-
-    def has_basis(self, state: Mapping[str, Any]) -> bool:
-        return "proj_seed" in state
 
     def basis(self, state: Mapping[str, Any], param: torch.Tensor) -> CoordinateBasis:
         size = param.shape[0] * param.shape[1]
@@ -216,7 +216,7 @@ class BlockProjector(Projector):
 # --------------------------------------------------------------------------- update rule
 
 
-class StateFreeResidual(ResidualRule):
+class StateFreeResidual(UpdateRule):
     """``scale * (P^-1(direction) + (lr * state_free_lr_scale / step_size) * S(G - P^-1(R)))``.
 
     The optimizer applies the result times ``step_size`` (Adam's bias-corrected rate), so the
@@ -234,28 +234,36 @@ class StateFreeResidual(ResidualRule):
         return update * group["scale"]
 
 
+@OPTIMIZERS.register(
+    "frugal",
+    family="split",
+    paper="FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
+    arxiv="2411.07837",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
 class FrugalAdamW(LowRankAdamW):
     """FRUGAL(AdamW, signSGD): a group is handled by FRUGAL iff it has ``rank`` (may be ``None``).
 
-    ``FrugalAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True)``;
+    ``FrugalAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, correct_bias=True)``;
     group keys ``density``, ``proj`` (blocks / svd / random / coordinates), ``update_proj_gap``,
     ``state_free`` (sign / sgd / none), ``state_free_lr_scale``, ``scale``, ``rank``,
-    ``proj_type``, ``block_order``, ``moment_policy`` (default ``reset``), ``seed``.
+    ``proj_type``, ``block_order``, ``moment_policy`` (default ``reset``), ``bias_correction``, ``seed``.
     """
 
-    residual = StateFreeResidual()
-    method_defaults = {
-        "rank": None,
-        "density": 0.25,
-        "proj": "blocks",
-        "update_proj_gap": 200,
-        "state_free": "sign",
-        "state_free_lr_scale": 1.0,
-        "scale": 1.0,
-        "proj_type": "std",
-        "block_order": "random",
-        "moment_policy": "reset",
-        "seed": 0,
+    update_rule = StateFreeResidual()
+    HYPERPARAMETERS = with_defaults(ADAM, eps=1e-8, weight_decay=0.01)
+    OPTIONS = {
+        **with_defaults(SUBSPACE, scale=1.0, moment_policy="reset"),
+        **SEED,
+        "rank": Option(None, int, low=1, nullable=True,
+                       help="state-full rank for proj svd / random; None = round(density * projected side)"),
+        "density": Option(0.25, float, low=0, high=1, help="share rho of the state-full space"),
+        "proj": Option("blocks", str, choices=PROJECTIONS,
+                       help="state-full part: whole weights (blocks), an SVD or random subspace, or random entries"),
+        "state_free": Option("sign", str, choices=STATE_FREE_RULES,
+                             help="update of the rest: signSGD (the paper's), SGD, or none"),
+        "state_free_lr_scale": Option(1.0, float, low=0, help="learning-rate multiplier of the state-free update"),
+        "block_order": Option("random", str, choices=BLOCK_ORDERS, help="which weights become state-full at a switch"),
     }
     _svd_projector = RankedSVDProjector()
 
@@ -269,26 +277,9 @@ class FrugalAdamW(LowRankAdamW):
             return CoordinateProjector(group)
         return BlockProjector(lambda: [self.parameter_seed(p, group) for p in group["params"]])
 
-    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        rank, proj = group["rank"], group["proj"]
-        # the base class checks an explicit rank; rank None means "from density"
-        super().validate_projected_group({**group, "rank": 1 if rank is None else rank}, params)
-        if proj not in PROJECTIONS:
-            raise RankwiseError(f"unknown proj {proj!r}; known: {', '.join(PROJECTIONS)}")
-        if group["state_free"] not in STATE_FREE_RULES:
-            raise RankwiseError(f"unknown state_free {group['state_free']!r}; known: {', '.join(STATE_FREE_RULES)}")
-        if group["block_order"] not in BLOCK_ORDERS:
-            raise RankwiseError(f"unknown block_order {group['block_order']!r}; known: {', '.join(BLOCK_ORDERS)}")
-        scale = group["state_free_lr_scale"]
-        if not _is_number(scale) or scale < 0:
-            raise RankwiseError(f"state_free_lr_scale must be a number >= 0, got {scale!r}")
-        if not isinstance(group["seed"], int) or isinstance(group["seed"], bool):
-            raise RankwiseError(f"seed must be an integer, got {group['seed']!r}")
-        density = group["density"]
-        if not _is_number(density) or not 0 <= density <= 1:
-            raise RankwiseError(
-                f"density must be a number in [0, 1] (fraction of the state-full space), got {density!r}"
-            )
+    def check_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
+        super().check_group(group, params)
+        rank, proj, density = group["rank"], group["proj"], group["density"]
         if rank is not None and proj not in ("svd", "random"):
             raise RankwiseError(f"rank applies to proj='svd' or 'random'; proj={proj!r} takes density only")
         if proj == "blocks":
@@ -297,44 +288,42 @@ class FrugalAdamW(LowRankAdamW):
             if proj == "coordinates":
                 size = coordinate_count(param.shape, density)
             else:
-                size = subspace_rank(param.shape, {**group, "rank": rank})
+                size = subspace_rank(param.shape, group)
             if size < 1:
                 raise RankwiseError(
                     f"density {density} leaves no state-full part in {self.param_name(param)} "
                     f"({param.shape[0]} x {param.shape[1]}); raise density or use proj='blocks'"
                 )
 
-    def _switch_moments(self, state: dict, group: Mapping[str, Any], old: Basis, new: Basis) -> None:
+    def switch_moments(self, state: dict, group: Mapping[str, Any], old: Basis, new: Basis) -> None:
+        """As the base policies, except: a weight that gains or loses its state-full part
+        (``blocks``) always resets, and ``coordinates`` carry entries selected again."""
         policy = group["moment_policy"]
         if isinstance(old, BlockBasis) and old.active != new.active:
             policy = "reset"  # the weight gains or loses its state-full part: no moments to carry
         if policy == "rotate" and isinstance(old, CoordinateBasis):
-            self._carry_coordinates(state, old.indices, new.indices)
+            carry_coordinates(state, group, old.indices, new.indices)
             return
-        super()._switch_moments(state, {**group, "moment_policy": policy}, old, new)
+        super().switch_moments(state, {**group, "moment_policy": policy}, old, new)
 
-    def _carry_coordinates(self, state: dict, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Moments of entries selected again move to their new position; new entries start at zero."""
-        if "exp_avg" not in state:
-            return
-        position = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
-        kept = old[position] == new
-        for key in self.inner.moment_keys:
+
+def carry_coordinates(state: dict, group: Mapping[str, Any], old: torch.Tensor, new: torch.Tensor) -> None:
+    """Moments (and per-coordinate history weights) of entries selected again move to their new
+    position; new entries start at zero."""
+    if "exp_avg" not in state:
+        return
+    if group.get("bias_correction") == "per_coordinate" and group["correct_bias"] and WEIGHT_KEYS[0] not in state:
+        for key, correction in zip(WEIGHT_KEYS, bias_corrections(state, group)):
+            state[key] = torch.full_like(state["exp_avg"], correction, dtype=torch.promote_types(
+                state["exp_avg"].dtype, torch.float32))
+    position = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    kept = old[position] == new
+    for key in ("exp_avg", "exp_avg_sq", *WEIGHT_KEYS):
+        if key in state:
             carried = torch.zeros_like(state[key])
             carried[kept] = state[key][position[kept]]
             state[key] = carried
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
 FRUGAL = FrugalAdamW
 """The paper's name for :class:`FrugalAdamW`."""
-
-OPTIMIZERS.register(
-    "frugal",
-    family="split",
-    paper="FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training",
-    arxiv="2411.07837",
-)(FrugalAdamW.from_parameters)

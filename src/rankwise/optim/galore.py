@@ -28,15 +28,28 @@ Deviations from the reference package (galore-torch 1.0):
   Python object, so checkpoints load with ``torch.load(weights_only=True)``.
 - Non-finite gradients skip the parameter's step and a failed SVD keeps the previous
   subspace (the reference writes NaN into the weights).
-- Extra key ``moment_policy`` (keep / reset / rotate) for the moments at a subspace
-  switch; the default ``keep`` is the paper's (and the reference's) behaviour.
+- Extra keys ``moment_policy`` (keep / reset / rotate) for the moments at a subspace
+  switch -- the default ``keep`` is the paper's (and the reference's) behaviour -- and
+  ``bias_correction`` (``global``, the paper's; ``per_coordinate`` corrects coordinates new
+  to the subspace after a ``rotate`` switch like a fresh start, see :mod:`rankwise.optim.inner`).
 """
 
 from __future__ import annotations
 
-from rankwise.optim.core import OPTIMIZERS, DropResidual, LowRankAdamW, SVDProjector
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import SUBSPACE
+from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.rules import DropResidual
 
 
+@OPTIMIZERS.register(
+    "galore",
+    family="galore",
+    paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    arxiv="2403.03507",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
 class GaLoreAdamW(LowRankAdamW):
     """Drop-in for ``galore_torch.GaLoreAdamW``: a group is projected iff it has ``rank``.
 
@@ -44,19 +57,5 @@ class GaLoreAdamW(LowRankAdamW):
     """
 
     projector = SVDProjector()
-    residual = DropResidual()
-    method_defaults = {
-        "rank": 128,
-        "update_proj_gap": 200,
-        "scale": 0.25,
-        "proj_type": "std",
-        "moment_policy": "keep",
-    }
-
-
-OPTIMIZERS.register(
-    "galore",
-    family="galore",
-    paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-    arxiv="2403.03507",
-)(GaLoreAdamW.from_parameters)
+    update_rule = DropResidual()
+    OPTIONS = SUBSPACE

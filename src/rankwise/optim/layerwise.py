@@ -3,7 +3,7 @@
 ``rankwise.optim.build(model, name, ..., layerwise=True, accumulation_steps=N)`` returns a
 :class:`LayerwiseOptimizer` wrapping the optimizer ``name`` builds. Without accumulation
 (``N = 1``) a parameter's gradient is consumed the moment autograd finishes it: the hook
-steps that one parameter (:meth:`LowRankAdamW.step_parameter`) and frees ``.grad``, so full
+steps that one parameter (:meth:`rankwise.optim.lowrank.LowRankAdamW.step_parameter`) and frees ``.grad``, so full
 gradients of different layers never coexist -- the peak holds one gradient instead of all
 of them (the saving GaLore's paper reports with its per-layer weight updates, Section 4.3).
 
@@ -16,6 +16,15 @@ saving of layerwise mode holds within the last micro-batch only. The end of each
 detected with an autograd engine callback, so a parameter that got no gradient in the last
 micro-batch but did earlier is still stepped (when that backward ends), and the count of
 micro-batches does not depend on the training loop calling ``step()``.
+
+Only the outermost backward pass counts. Reentrant gradient checkpointing
+(``torch.utils.checkpoint(..., use_reentrant=True)``) runs a nested backward pass for every
+recomputed segment, from inside the checkpoint node's backward; a callback queued there would
+fire at the end of each segment. So when a gradient arrives inside a nested pass, the
+end-of-backward callback is armed on the enclosing backward instead: a hook on the autograd
+node running the nested pass queues it once that node has finished (recursively, for nested
+checkpoints). torch exposes no reentrancy depth, so the enclosing node is found on the Python
+stack, as the frame of ``torch.autograd.function.BackwardCFunction.apply`` that runs it.
 
 The training loop does not change: ``step()`` and ``zero_grad()`` are no-ops (the work
 happened in backward) and may be called after every micro-batch or every ``N``; the
@@ -32,12 +41,13 @@ for the same parameters in each backward (as DDP without ``find_unused_parameter
 
 Not offered (RankwiseError): a ``closure``; clipping by the global gradient norm (the norm
 does not exist yet when the first layer is stepped); a DDP-wrapped or FSDP2-sharded model;
-``accumulation_steps`` that is not an integer >= 1; an optimizer whose class sets
+``accumulation_steps`` that is not an integer >= 1; a rankwise optimizer whose class sets
 ``supports_layerwise = False`` (its step needs every parameter at once).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -45,7 +55,25 @@ from torch import nn
 from torch.optim import Optimizer
 
 from rankwise.errors import RankwiseError
+from rankwise.optim.base import OptimizerMethod
 from rankwise.optim.distributed import average_gradient, broadcast_parameters, is_distributed, is_dtensor
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.options import Option
+
+_RUN_NODE_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
+
+
+def enclosing_backward_node() -> Any:
+    """The autograd node (a custom Function's backward) that is running a nested backward pass
+    around the caller, or None when the caller runs in an outermost backward pass."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _RUN_NODE_BACKWARD:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+ACCUMULATION_STEPS = Option(1, int, low=1, help="micro-batches (backward passes) per optimizer step")
 
 #: options of a training set-up that layerwise mode cannot honour, with the reason
 UNSUPPORTED_OPTIONS = {
@@ -57,11 +85,8 @@ UNSUPPORTED_OPTIONS = {
 
 def check_layerwise(model: nn.Module, accumulation_steps: Any, options: Mapping[str, Any]) -> int:
     """RankwiseError unless layerwise mode can run on ``model``; returns ``accumulation_steps``."""
-    steps = 1 if accumulation_steps is None else accumulation_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise RankwiseError(
-            f"accumulation_steps must be an integer >= 1 (micro-batches per optimizer step), got {accumulation_steps!r}"
-        )
+    steps = ACCUMULATION_STEPS.default if accumulation_steps is None else accumulation_steps
+    steps = ACCUMULATION_STEPS.check("accumulation_steps", steps, "layerwise mode")
     for key, reason in UNSUPPORTED_OPTIONS.items():
         if key in options:
             raise RankwiseError(f"layerwise mode cannot honour {key}: {reason}")
@@ -87,9 +112,8 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, *, accumulation_steps: int = 1) -> None:
-        if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
-            raise RankwiseError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
-        if not getattr(optimizer, "supports_layerwise", True):
+        accumulation_steps = ACCUMULATION_STEPS.check("accumulation_steps", accumulation_steps, "layerwise mode")
+        if isinstance(optimizer, OptimizerMethod) and not optimizer.supports_layerwise:
             raise RankwiseError(
                 f"{type(optimizer).__name__} needs every parameter's gradient in one step and cannot run "
                 "layerwise; use layerwise=False"
@@ -100,8 +124,9 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._bind()
         self._distributed = is_distributed()
-        self._backward_count = 0  # backward passes finished in the current accumulation window
+        self._backward_count = 0  # outermost backward passes finished in the current accumulation window
         self._callback_queued = False
+        self._node_hooks: list[Any] = []  # hooks on checkpoint nodes arming the end-of-backward callback
         self._handles: list[Any] = []
         self._group_of: dict[int, int] = {}
         for index, group in enumerate(self.param_groups):
@@ -141,13 +166,24 @@ class LayerwiseOptimizer(Optimizer):
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._arm_end_of_backward()
             self._callback_queued = True
         if self._backward_count == self.accumulation_steps - 1:
             self._step_one(param)
 
+    def _arm_end_of_backward(self) -> None:
+        """Queue :meth:`_end_of_backward` on the outermost running backward pass (module docstring)."""
+        node = enclosing_backward_node()
+        if node is None:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        else:  # the node's hook runs in the enclosing pass once the nested one has finished
+            self._node_hooks.append(node.register_hook(lambda *_: self._arm_end_of_backward()))
+
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        for handle in self._node_hooks:  # a retained graph must not re-arm through them
+            handle.remove()
+        self._node_hooks.clear()
         self._backward_count += 1
         if self._backward_count == self.accumulation_steps:
             self.flush()
@@ -157,9 +193,8 @@ class LayerwiseOptimizer(Optimizer):
         if self._distributed:
             average_gradient(param.grad)
         group = self.param_groups[self._group_of[id(param)]]
-        step_parameter = getattr(self.optimizer, "step_parameter", None)
-        if step_parameter is not None:
-            step_parameter(param, group)
+        if isinstance(self.optimizer, LowRankAdamW):
+            self.optimizer.step_parameter(param, group)
         else:  # a torch optimizer: let its step() see only this parameter
             groups = self.optimizer.param_groups
             self.optimizer.param_groups = [{**group, "params": [param]}]

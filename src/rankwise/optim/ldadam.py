@@ -38,46 +38,38 @@ Deviations from the paper / its released code:
   Trainer's ``model.zero_grad()`` and gradient clipping cannot destroy it, and
   :func:`rankwise.optim.state_bytes` counts it (``m n`` more numbers). ``error_feedback=False``
   (the paper's "no EF" ablation) stores nothing extra.
-- The released code squares the entries of ``C`` twice (``C^4``) in the second-moment
-  rotation; this follows the paper's formula (``C o C``).
+- The second moment rotates with ``C o C`` as in the paper's formula and the authors' release
+  (whose first version squared the entries twice, ``C^4``, until its commit "fix
+  mat_change_of_subspace squaring" of 31 Oct 2024).
 - ``eps`` is added to ``sqrt(V)`` with the bias correction folded into the step size (the
   form of every rankwise Adam), and weight decay is applied after the update.
 - ``update_proj_gap`` (default 1, the paper's) may be raised to refresh less often; between
   refreshes ``C = I`` and only the gradient part of the error remains.
 - ``moment_policy`` may be ``keep`` or ``reset`` instead of the paper's ``rotate``; the error
-  feedback then collects the momentum lost by that policy the same way.
+  feedback then collects the momentum lost by that policy the same way. The shared
+  ``bias_correction`` option is not offered: the variance correction above already carries
+  the second moment through the change of basis with the moments' own correction.
 - ``proj_method="svd"`` (exact SVD of ``B`` instead of the power iteration) is the paper's ablation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from rankwise.errors import RankwiseError
-from rankwise.linalg.projections import Basis, change_coordinates, projection_sides, singular_basis
+from rankwise.linalg.projections import PROJ_TYPES, Basis, change_coordinates, projection_sides, singular_basis
 from rankwise.linalg.svd import orthonormal_basis
-from rankwise.optim.core import (
-    OPTIMIZERS,
-    DropResidual,
-    LowRankAdamW,
-    LowRankStep,
-    SVDProjector,
-)
-from rankwise.optim.distributed import is_dtensor
-from rankwise.optim.numerics import gradient_is_finite
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.inner import bias_corrections
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import ADAM, SUBSPACE, with_defaults, without
+from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.rules import ERROR_KEY, ErrorFeedback, add_error
+from rankwise.options import Option
 
 PROJ_METHODS = ("power_iteration", "svd")
-
-
-def bias_corrections(state: Mapping[str, Any], group: Mapping[str, Any]) -> tuple[float, float]:
-    """``(1 - beta1^k, 1 - beta2^k)`` for the ``k`` steps the moments have seen (1, 1 without correction)."""
-    if not group["correct_bias"]:
-        return 1.0, 1.0
-    steps = state["step"] - state.get("moment_origin", 0)
-    beta1, beta2 = group["betas"]
-    return 1.0 - beta1**steps, 1.0 - beta2**steps
+ONE_SIDED = tuple(p for p in PROJ_TYPES if p != "full")
 
 
 def power_iteration_step(matrix: torch.Tensor, start: Basis) -> Basis:
@@ -134,18 +126,13 @@ def rotate_moments_with_variance_correction(
     state["exp_avg_sq"] = carried.mul_(second).abs_()
 
 
-class ErrorFeedbackResidual(DropResidual):
-    """GaLore's update ``scale * P direction``; with ``error_feedback`` the dropped part of the
-    gradient, ``G - P P^T G``, is added to ``state["error"]`` (fed into the next gradient)."""
-
-    def combine(self, step: LowRankStep) -> torch.Tensor:
-        if step.group["error_feedback"]:
-            dropped = step.grad - step.project_back(step.low_grad)
-            state = step.state
-            state["error"] = state["error"].add_(dropped) if "error" in state else dropped
-        return super().combine(step)
-
-
+@OPTIMIZERS.register(
+    "ldadam",
+    family="power_iteration",
+    paper="LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics",
+    arxiv="2410.16103",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
 class LDAdamW(LowRankAdamW):
     """LDAdam with decoupled weight decay: a group is projected iff it has ``rank``.
 
@@ -156,92 +143,37 @@ class LDAdamW(LowRankAdamW):
     """
 
     projector = PowerIterationProjector()
-    residual = ErrorFeedbackResidual()
-    method_defaults = {
-        "rank": 16,
-        "rho": 0.908,
-        "update_proj_gap": 1,
-        "scale": 1.0,
-        "proj_type": "std",
-        "proj_method": "power_iteration",
-        "error_feedback": True,
-        "moment_policy": "rotate",
+    update_rule = ErrorFeedback()
+    HYPERPARAMETERS = with_defaults(ADAM, betas=(0.908, 0.99), eps=1e-8)
+    OPTIONS = {
+        **without(with_defaults(SUBSPACE, rank=16, update_proj_gap=1, scale=1.0, moment_policy="rotate"),
+                  "bias_correction"),
+        "proj_type": Option("std", str, choices=ONE_SIDED, help="projected side (LDAdamW projects one side only)"),
+        "rho": Option(0.908, float, low=0, high=1, high_open=True,
+                      help="weight of the momentum in the subspace target rho M + (1 - rho) G"),
+        "proj_method": Option("power_iteration", str, choices=PROJ_METHODS,
+                              help="one warm-started block power iteration per refresh, or an exact SVD (ablation)"),
+        "error_feedback": Option(True, bool, help="feed what the compression drops into the next gradient (m x n)"),
     }
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.908, 0.99),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        no_deprecation_warning: bool = False,
-        *,
-        param_names: Mapping[int, str] | None = None,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, correct_bias, no_deprecation_warning, param_names=param_names
-        )
+    def prepare_gradient(self, grad: torch.Tensor, state: dict, group: Mapping[str, Any]) -> torch.Tensor:
+        """``G_t + E``: the stored error joins the gradient (and leaves the state until the rule
+        writes the new one)."""
+        return add_error(grad, state, group)
 
-    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        super().validate_projected_group(group, params)
-        if group["proj_type"] == "full":
-            raise RankwiseError("LDAdamW projects one side only; use proj_type std, reverse_std, left or right")
-        rho = group["rho"]
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho < 1.0:
-            raise RankwiseError(
-                f"rho must be a number in [0, 1) (weight of the momentum in the subspace target), got {rho!r}"
-            )
-        if group["proj_method"] not in PROJ_METHODS:
-            raise RankwiseError(f"unknown proj_method {group['proj_method']!r}; known: {', '.join(PROJ_METHODS)}")
-        if not isinstance(group["error_feedback"], bool):
-            raise RankwiseError(f"error_feedback must be True or False, got {group['error_feedback']!r}")
-
-    @torch.no_grad()
-    def step_parameter(
-        self,
-        param: torch.Tensor,
-        group: Mapping[str, Any],
-        *,
-        weight: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
-    ) -> None:
-        """As :meth:`LowRankAdamW.step_parameter`, on ``G_t + E`` when error feedback holds an error ``E``.
-
-        The error is consumed (zeroed) only when ``G_t + E`` is finite, so a skipped step
-        leaves the state untouched.
-        """
-        if weight is None and is_dtensor(param):
-            super().step_parameter(param, group)  # gathers the shard and calls back here
-            return
-        grad = param.grad if grad is None else grad
-        error = self.state[param].get("error") if "rank" in group else None
-        if error is not None:
-            grad = grad + error
-            if gradient_is_finite(grad):
-                error.zero_()
-        super().step_parameter(param, group, weight=weight, grad=grad)
-
-    def _switch_moments(self, state: dict, group: Mapping[str, Any], old: Basis, new: Basis) -> None:
+    def switch_moments(self, state: dict, group: Mapping[str, Any], old: Basis, new: Basis) -> None:
+        """The paper's projection-aware rotation with variance correction (``rotate``), or the
+        base policies; with error feedback the momentum the switch loses joins the error."""
         momentum_before = None
         if group["error_feedback"] and "exp_avg" in state:
             momentum_before = old.project_back(state["exp_avg"])
         if group["moment_policy"] == "rotate":
             rotate_moments_with_variance_correction(state, group, *old.transition(new))
         else:
-            super()._switch_moments(state, group, old, new)
+            super().switch_moments(state, group, old, new)
         if momentum_before is not None:
             if "exp_avg" in state:
                 momentum_before.sub_(new.project_back(state["exp_avg"]))
             beta1 = group["betas"][0]
             lost = momentum_before.mul_(beta1 / (1.0 - beta1))
-            state["error"] = state["error"].add_(lost) if "error" in state else lost
-
-
-OPTIMIZERS.register(
-    "ldadam",
-    family="power_iteration",
-    paper="LDAdam: Adaptive Optimization from Low-Dimensional Gradient Statistics",
-    arxiv="2410.16103",
-)(LDAdamW.from_parameters)
+            state[ERROR_KEY] = state[ERROR_KEY].add_(lost) if ERROR_KEY in state else lost

@@ -39,34 +39,33 @@ Deviations and choices
   authors' code (``damping = 1e-8``): at init ``B = 0`` and ``B^T B`` is singular. The
   Sylvester equation uses the undamped Gram matrices and its minimum-norm solution when
   they share a null direction.
-- Adam's bias correction is rankwise's :class:`~rankwise.optim.core.AdamMoments` form
+- Adam's bias correction is rankwise's :class:`~rankwise.optim.inner.AdamMoments` form
   (``lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``, eps not bias-corrected).
 - Decoupled weight decay (default 0, the authors' default): the authors also decay the frozen
   ``W0``; rankwise keeps the base weight frozen (adapters merge / export against it) and
   decays only the adapter update: ``A, B *= sqrt(1 - lr wd)``, so ``s B A`` shrinks by
   ``1 - lr wd`` per step.
-- Math in fp32 whatever the factors' dtype; the two moments are stored in the factors' dtype.
+- Math in float32 (float64 for float64 factors) whatever the factors' dtype; the two moments
+  are stored in the factors' dtype.
 
 State per LoRA layer (under its ``lora_A``): ``step`` (int), ``exp_avg`` and ``exp_avg_sq``
 (``m x n`` each), so ``state_bytes = 2 m n * itemsize`` per layer -- the memory price the
 paper reports. Layerwise mode is refused (``A`` and ``B`` must be stepped together).
 
-Use: ``rankwise.adapt(model, "lora_pro")`` (or ``"lora"``, or any adapter declaring
-``output_factor_names = ("lora_B",)`` with trainable ``lora_A`` / ``lora_B`` and a scalar
-``scaling``) then ``rankwise.optim.build(model, "lora_pro", lr=...)``. The method lives here;
-the adapter name ``lora_pro`` (:mod:`rankwise.adapters.lora_pro`) is a plain LoRA layer whose
-class attribute ``training_optimizer = "lora_pro"`` tells the bench / CLI to build this
-optimizer for it, so that ``"lora_pro"`` is both an adapter method and an optimizer name.
-The builder takes the model (``build_lora_pro.takes_model``): its groups are LoRA pairs, not
-the targeted-weights / rest split of the projected optimizers.
+Use: ``rankwise.adapt(model, "lora_pro")`` (or ``"lora"``, or any adapter whose layers return
+their factors from ``AdapterLayer.lora_parameters()``, with both factors trainable) then
+``rankwise.optim.build(model, "lora_pro", lr=...)``. The method lives here; the adapter name
+``lora_pro`` (:mod:`rankwise.adapters.lora_pro`) is a plain LoRA layer whose class attribute
+``training_optimizer = "lora_pro"`` tells the bench / CLI to build this optimizer for it, so
+that ``"lora_pro"`` is both an adapter method and an optimizer name. Its builder
+(:meth:`LoRAProAdamW.from_model`) takes the adapted model: its groups are LoRA pairs, not the
+targeted-weights / rest split of the projected optimizers.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from numbers import Real
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -74,11 +73,13 @@ from torch.optim import Optimizer
 
 from rankwise.errors import RankwiseError
 from rankwise.linalg.sylvester import solve_psd_sylvester
-from rankwise.optim.core import OPTIMIZERS, AdamMoments, validate_adam_hparams
+from rankwise.optim.base import OPTIMIZERS, OptimizerMethod
 from rankwise.optim.distributed import NONFINITE_MESSAGE
+from rankwise.optim.inner import AdamMoments
 from rankwise.optim.numerics import gradient_is_finite
-
-_HPARAMS = ("betas", "eps", "weight_decay", "damping")
+from rankwise.optim.options import ADAM, with_defaults, without
+from rankwise.options import Option, resolve
+from rankwise.targets import Targets
 
 
 def lora_pro_gradients(
@@ -90,13 +91,15 @@ def lora_pro_gradients(
     *,
     damping: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA-Pro's adjusted gradients ``(g_A', g_B')`` from the LoRA gradients (fp32; see module docstring).
+    """LoRA-Pro's adjusted gradients ``(g_A', g_B')`` from the LoRA gradients (see module docstring),
+    in float32 (float64 for float64 factors).
 
     ``s (B g_A' + g_B' A)`` is the best Frobenius approximation of the full gradient that a
     first-order change of ``B A`` can realise, and ``X`` solves Theorem 2.2's Sylvester equation.
     """
-    a, b = lora_a.detach().float(), lora_b.detach().float()
-    g_a, g_b = grad_a.float(), grad_b.float()
+    work = _work_dtype(lora_a)
+    a, b = lora_a.detach().to(work), lora_b.detach().to(work)
+    g_a, g_b = grad_a.to(work), grad_b.to(work)
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     btb, aat = b.T @ b, a @ a.T
     inv_btb = torch.linalg.inv(btb + damping * eye)
@@ -111,108 +114,96 @@ def lora_pro_gradients(
 def equivalent_gradient(
     lora_a: torch.Tensor, lora_b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """``s (B g_A + g_B A)`` (fp32, ``m x n``): how a factor step ``-lr (g_A, g_B)`` moves ``W``."""
-    return scaling * (lora_b.detach().float() @ grad_a.float() + grad_b.float() @ lora_a.detach().float())
+    """``s (B g_A + g_B A)`` (``m x n``, float32 or float64): how a factor step ``-lr (g_A, g_B)`` moves ``W``."""
+    work = _work_dtype(lora_a)
+    return scaling * (lora_b.detach().to(work) @ grad_a.to(work) + grad_b.to(work) @ lora_a.detach().to(work))
 
 
-def lora_pairs(model: nn.Module) -> dict[str, nn.Module]:
-    """``{module name: layer}`` of the LoRA-shaped adapter layers LoRA-Pro can train: layers whose
-    class declares ``output_factor_names = ("lora_B",)`` and that hold trainable ``lora_A`` (r x n)
-    and ``lora_B`` (m x r) parameters and a scalar ``scaling`` (``W = W0 + scaling * B A``)."""
-    from rankwise.adapters.api import adapter_layers  # the optimizers do not need adapters to import
+def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def lora_pairs(model: nn.Module) -> dict[str, Any]:
+    """``{module name: LoraParameters}`` of the adapter layers LoRA-Pro can train: those whose
+    ``lora_parameters()`` returns their factors (``W = W0 + scaling * B A``) with both trainable."""
+    from rankwise.adapters.base import AdapterLayer  # the optimizers do not need adapters to import
 
     pairs = {}
-    for name, layer in adapter_layers(model).items():
-        a, b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
-        if (
-            tuple(getattr(type(layer), "output_factor_names", ())) == ("lora_B",)
-            and isinstance(a, nn.Parameter)
-            and isinstance(b, nn.Parameter)
-            and a.requires_grad
-            and b.requires_grad
-            and a.ndim == 2
-            and b.ndim == 2
-            and b.shape[1] == a.shape[0]
-            and isinstance(getattr(layer, "scaling", None), Real)
-        ):
-            pairs[name] = layer
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            factors = module.lora_parameters()
+            if factors is not None and factors.A.requires_grad and factors.B.requires_grad:
+                pairs[name] = factors
     return pairs
 
 
-class LoRAProAdamW(Optimizer):
+@OPTIMIZERS.register(
+    "lora_pro",
+    family="adapter_optimizer",
+    paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
+    arxiv="2407.18242",
+    supports=("ddp",),
+)
+class LoRAProAdamW(OptimizerMethod, Optimizer):
     """AdamW with LoRA-Pro's gradient adjustment (see module docstring).
 
     Groups with the key ``scaling`` hold one LoRA pair ``[lora_A, lora_B]`` of a layer with
     ``W = W0 + scaling * B A``; other groups are plain AdamW.
+    ``LoRAProAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, damping=1e-8)``.
     """
 
+    HYPERPARAMETERS = {
+        **with_defaults(without(ADAM, "correct_bias"), eps=1e-8),
+        "damping": Option(1e-8, float, low=0, low_open=True,
+                          help="added to B^T B and A A^T before inverting them (B = 0 at init)"),
+    }
     supports_layerwise = False  # the adjustment needs A's and B's gradients together
     adam = AdamMoments()
 
-    def __init__(
-        self,
-        params: Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        damping: float = 1e-8,
-    ) -> None:
-        validate_adam_hparams(lr, betas, eps, weight_decay)
-        if isinstance(damping, bool) or not isinstance(damping, Real) or not 0 < damping < math.inf:
-            raise RankwiseError(
-                f"damping must be a number > 0 (it regularises (B^T B)^-1 while B = 0), got {damping!r}"
-            )
-        self._warned: set[str] = set()
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "damping": damping,
-            "correct_bias": True,
-        }
-        super().__init__(params, defaults)
+    def __init__(self, params: Iterable[dict], **hyperparameters: Any) -> None:
+        defaults = resolve(self.HYPERPARAMETERS, hyperparameters, owner=type(self).__name__)
+        super().__init__(params, {**defaults, "correct_bias": True})
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, lr: float, **hparams: Any) -> "LoRAProAdamW":
-        """One group per LoRA-shaped adapter layer (``scaling`` from the layer), one plain group
-        for the other trainable parameters. RankwiseError when the model has no LoRA pair."""
-        unknown = sorted(set(hparams) - set(_HPARAMS))
-        if unknown:
+    def from_model(cls, model: nn.Module, *, lr: float, targets: Targets = "all-linear", **hparams: Any) -> "LoRAProAdamW":
+        """One group per LoRA pair of the adapted ``model`` (``scaling`` from the layer), one plain
+        group for the other trainable parameters. RankwiseError when the model has no LoRA pair."""
+        if targets != "all-linear":
             raise RankwiseError(
-                f"unknown hyperparameter(s) {', '.join(unknown)} for lora_pro; accepted: {', '.join(_HPARAMS)}"
+                "lora_pro trains the LoRA adapters chosen when the model was adapted; drop targets "
+                "(choose layers with rankwise.adapt(..., targets=...))"
             )
+        hyperparameters = resolve(cls.HYPERPARAMETERS, {"lr": lr, **hparams}, owner=cls.__name__)
         pairs = lora_pairs(model)
         if not pairs:
             raise RankwiseError(
-                "lora_pro trains LoRA adapters (trainable lora_A / lora_B with a scalar scaling) and the model has "
-                "none; call rankwise.adapt(model, 'lora_pro') (or 'lora') first"
+                "lora_pro trains LoRA adapters (layers whose lora_parameters() gives trainable A and B) and the "
+                "model has none; call rankwise.adapt(model, 'lora_pro') (or 'lora') first"
             )
         groups: list[dict] = [
-            {"params": [layer.lora_A, layer.lora_B], "scaling": float(layer.scaling)} for layer in pairs.values()
+            {"params": [factors.A, factors.B], "scaling": float(factors.scaling)} for factors in pairs.values()
         ]
-        paired = {id(p) for group in groups for p in group["params"]}
-        others, seen = [], set(paired)
+        seen = {id(p) for group in groups for p in group["params"]}
+        others = []
         for p in model.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 others.append(p)
         if others:
             groups.append({"params": others})
-        return cls(groups, lr=lr, **hparams)
+        return cls(groups, **hyperparameters)
 
-    def warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=3)
+    @classmethod
+    def from_parameters(
+        cls, projected: Sequence[tuple[str, torch.Tensor]], others: Sequence[torch.Tensor], *, lr: float,
+        **hparams: Any,
+    ) -> "LoRAProAdamW":
+        raise RankwiseError("lora_pro builds its groups from the adapted model: call rankwise.optim.build(model, "
+                            "'lora_pro', lr=...)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.evaluate_closure(closure)
         for group in self.param_groups:
             if "scaling" in group:
                 self._step_pair(group)
@@ -252,8 +243,9 @@ class LoRAProAdamW(Optimizer):
         state = self.state[lora_a]
         state["step"] = state.get("step", 0) + 1
         direction, step_size = self.adam.update(state, full, group)
-        a, b = lora_a.float(), lora_b.float()
-        direction = direction.float()
+        work = _work_dtype(lora_a)
+        a, b = lora_a.to(work), lora_b.to(work)
+        direction = direction.to(work)
         step_a, step_b = lora_pro_gradients(
             a, b, scaling * (b.T @ direction), scaling * (direction @ a.T), scaling, damping=damping
         )
@@ -263,22 +255,3 @@ class LoRAProAdamW(Optimizer):
             lora_b.mul_(shrink)
         lora_a.add_(step_a.to(lora_a.dtype), alpha=-step_size)
         lora_b.add_(step_b.to(lora_b.dtype), alpha=-step_size)
-
-
-@OPTIMIZERS.register(
-    "lora_pro",
-    family="adapter_optimizer",
-    paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
-    arxiv="2407.18242",
-)
-def build_lora_pro(model: nn.Module, *, lr: float, targets: Any = "all-linear", **hparams: Any) -> LoRAProAdamW:
-    """:class:`LoRAProAdamW` over an adapted ``model`` (called by ``rankwise.optim.build``)."""
-    if targets != "all-linear":
-        raise RankwiseError(
-            "lora_pro trains the LoRA adapters chosen when the model was adapted; drop targets "
-            "(choose layers with rankwise.adapt(..., targets=...))"
-        )
-    return LoRAProAdamW.from_model(model, lr=lr, **hparams)
-
-
-build_lora_pro.takes_model = True  # rankwise.optim.build passes the model, not (projected, others)

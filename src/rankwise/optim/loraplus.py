@@ -9,12 +9,13 @@ efficiently only if ``B`` moves faster than ``A``; the paper sets
 and otherwise keeps the optimizer (AdamW) unchanged.
 
 ``rankwise.optim.build(model, "adamw", lr=lr, loraplus_lr_ratio=16)`` on an adapted model puts
-every adapter's output factors in their own param group with learning rate ``lr * ratio`` and
-every other trainable parameter (the ``A`` factors, other adapter tensors) in a group with
-``lr``; weight decay and betas are shared (decoupled decay scales with each group's lr, as in
-AdamW). Output factors are found generically: an adapter class lists them in
-``output_factor_names`` (``("lora_B",)`` for LoRA and its subclasses); adapters that declare
-none contribute only to the ``lr`` group.
+the ``B`` factor of every LoRA-shaped adapter layer in its own param group with learning rate
+``lr * ratio`` and every other trainable parameter (the ``A`` factors, other adapter tensors)
+in a group with ``lr``; weight decay and betas are shared (decoupled decay scales with each
+group's lr, as in AdamW). LoRA-shaped layers are those whose ``AdapterLayer.lora_parameters()``
+returns their factors (LoRA and the layers that rewrite the base but train plain LoRA
+factors); other adapters contribute only to the ``lr`` group. The optimizers LoRA+ may
+regroup are those whose registry entry supports ``"loraplus"``.
 
 Group order: group 0 = ``lr`` (what the training loop logs), group 1 = ``lr * ratio``. An LR
 scheduler multiplies both, so the ratio holds throughout training.
@@ -27,50 +28,48 @@ assumes one learning rate for both factors) refuse the option.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.options import Option
 
-#: optimizers whose builder steps each parameter of a group as a whole (no projection)
-LORAPLUS_OPTIMIZERS = ("adamw",)
+LORAPLUS_LR_RATIO = Option(16.0, float, low=0, low_open=True, help="lr of the B factors / lr (the paper's lambda)")
 
 
 def output_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Trainable output-side factors (``output_factor_names``) of every adapter layer, named."""
-    from rankwise.adapters.api import adapter_layers  # the optimizers do not need adapters to import
+    """The trainable ``B`` factors of the LoRA-shaped adapter layers (``lora_parameters()``), named."""
+    from rankwise.adapters.base import AdapterLayer  # the optimizers do not need adapters to import
 
     found: list[tuple[str, nn.Parameter]] = []
-    for module_name, layer in adapter_layers(model).items():
-        for attribute in getattr(type(layer), "output_factor_names", ()):
-            param = getattr(layer, attribute, None)
-            if isinstance(param, nn.Parameter) and param.requires_grad:
-                found.append((f"{module_name}.{attribute}", param))
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            factors = module.lora_parameters()
+            if factors is not None and factors.B.requires_grad:
+                found.append((f"{module_name}.lora_B", factors.B))
     return found
 
 
 def build_loraplus(
     model: nn.Module,
     name: str,
-    builder: Callable[..., torch.optim.Optimizer],
     *,
     lr: float,
     ratio: Any,
     targets: Any = "all-linear",
     **hparams: Any,
 ) -> torch.optim.Optimizer:
-    """``builder`` over ``model`` with the output factors in group 1 at ``lr * ratio`` (module docstring)."""
-    if name not in LORAPLUS_OPTIMIZERS:
+    """The optimizer ``name`` over ``model`` with the ``B`` factors in group 1 at ``lr * ratio`` (module docstring)."""
+    supported = [entry.name for entry in OPTIMIZERS.entries() if "loraplus" in entry.supports]
+    if name not in supported:
         raise RankwiseError(
-            f"loraplus_lr_ratio is offered for {', '.join(LORAPLUS_OPTIMIZERS)}, not {name!r}: LoRA+ only "
+            f"loraplus_lr_ratio is offered for {', '.join(supported)}, not {name!r}: LoRA+ only "
             "changes the learning rate of the adapters' B factors under an optimizer that steps them whole"
         )
-    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio < math.inf:
-        raise RankwiseError(f"loraplus_lr_ratio must be a number > 0 (the paper uses 16), got {ratio!r}")
+    ratio = LORAPLUS_LR_RATIO.check("loraplus_lr_ratio", ratio, "LoRA+")
     if targets != "all-linear":
         raise RankwiseError(
             "with loraplus_lr_ratio the parameter groups come from the adapters; drop targets "
@@ -87,6 +86,6 @@ def build_loraplus(
     for param_name, param in model.named_parameters():  # a tied parameter is listed once
         if param.requires_grad and id(param) not in fast_ids:
             rest.append((param_name, param))
-    optimizer = builder(rest, [p for _, p in fast], lr=lr, **hparams)
+    optimizer = OPTIMIZERS.get(name).from_parameters(rest, [p for _, p in fast], lr=lr, **hparams)
     optimizer.param_groups[1]["lr"] = lr * ratio
     return optimizer

@@ -5,7 +5,7 @@ Paper: Zhang, Jaiswal, Yin, Liu, Zhao, Tian, Wang, "Q-GaLore: Quantized GaLore w
 Projection and Layer-Adaptive Low-Rank Gradients", arXiv 2407.08296.
 
 On top of GaLore (:mod:`rankwise.optim.galore`) with 8-bit Adam moments
-(:mod:`rankwise.optim.galore8bit`), for a weight ``W`` with gradient ``G_t``:
+(as :mod:`rankwise.optim.galore8bit`), for a weight ``W`` with gradient ``G_t``:
 
 - **INT4 projector** (``quant=True``, ``quant_n_bit=4``, ``quant_group_size=256``): after
   each SVD the basis ``P`` is stored with grouped min-max codes
@@ -17,8 +17,11 @@ On top of GaLore (:mod:`rankwise.optim.galore`) with 8-bit Adam moments
   stored, dequantised basis): ``c = |cos(u_old, u_new)|`` enters a sliding window of the
   last ``queue_size`` (5) values. While the window is full and its mean is
   ``>= cos_threshold`` (0.4), every refresh multiplies that parameter's gap by
-  ``gamma_proj`` (2): ``T <- int(T * gamma_proj)``. Layers whose subspace has settled are
-  re-decomposed exponentially less often.
+  ``gamma_proj`` (2): ``T <- int(T * gamma_proj)``. Refreshes fall on the parameter's steps
+  ``t`` with ``t % T == 0`` for the current ``T``, as in the reference (``iter %
+  update_proj_gap == 0``): after a refresh at step ``s`` the next one is at the first multiple
+  of the new ``T`` after ``s`` (e.g. ``T`` 1 -> 2 at step 3: next refresh at 4, not 5). Layers
+  whose subspace has settled are re-decomposed exponentially less often.
 - **INT8 weights with stochastic rounding** (``weight_quant=True``, ``weight_group_size=256``,
   ``stochastic_round=True``): the projected weights are kept as 8-bit min-max codes.
   After each step the updated float weight ``W' = W - lr * update`` is requantised,
@@ -51,22 +54,27 @@ Deviations from the reference (q-galore-torch 1.0):
 - INT8 weight quantisation is an optimizer option (group keys ``weight_quant``,
   ``weight_group_size``, ``stochastic_round`` named after the reference's training flags)
   instead of a model-side module; it covers the projected group only.
-- 8-bit moments, eps placement and weight decay as in :mod:`rankwise.optim.galore8bit`;
-  all state is tensors / plain values, so checkpoints load with ``weights_only=True``.
+- 8-bit moments (:class:`rankwise.optim.inner.QuantizedAdamMoments`), eps placement and
+  weight decay as in :mod:`rankwise.optim.galore8bit`; all state is tensors / plain values,
+  so checkpoints load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
 from rankwise.errors import RankwiseError
 from rankwise.linalg.projections import Basis, projection_sides, singular_basis
 from rankwise.linalg.quant import minmax_dequantize, minmax_quantize
-from rankwise.optim.core import OPTIMIZERS, Projector, _is_positive_int, _is_real
-from rankwise.optim.distributed import is_dtensor
-from rankwise.optim.galore8bit import GaLoreAdamW8bit
+from rankwise.optim.base import OPTIMIZERS
+from rankwise.optim.inner import ADAM_8BIT, QuantizedAdamMoments
+from rankwise.optim.lowrank import LowRankAdamW
+from rankwise.optim.options import SUBSPACE
+from rankwise.optim.pieces import Projector
+from rankwise.optim.rules import DropResidual
+from rankwise.options import Option
 
 _SIDES = ("proj_left", "proj_right")
 
@@ -136,81 +144,50 @@ def _first_vector(basis: Basis) -> torch.Tensor:
     return (basis.left if basis.left is not None else basis.right)[:, 0]
 
 
-class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+@OPTIMIZERS.register(
+    "qgalore",
+    family="galore",
+    paper="Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients",
+    arxiv="2407.08296",
+    supports=("layerwise", "ddp", "fsdp2"),
+)
+class QGaLoreAdamW8bit(LowRankAdamW):
     """Drop-in for ``q_galore_torch.QGaLoreAdamW8bit``: a group is projected iff it has ``rank``.
 
     ``QGaLoreAdamW8bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-    min_8bit_size=4096)``; projected-group keys in :attr:`method_defaults`.
+    min_8bit_size=4096)``; projected-group keys in :attr:`OPTIONS`.
     """
 
     projector = QuantizedSVDProjector()
-    method_defaults = {
-        **GaLoreAdamW8bit.method_defaults,
-        "quant": True,
-        "quant_n_bit": 4,
-        "quant_group_size": 256,
-        "cos_threshold": 0.4,
-        "gamma_proj": 2,
-        "queue_size": 5,
-        "weight_quant": False,
-        "weight_group_size": 256,
-        "stochastic_round": True,
+    inner = QuantizedAdamMoments()
+    update_rule = DropResidual()
+    HYPERPARAMETERS = ADAM_8BIT
+    OPTIONS = {
+        **SUBSPACE,
+        "quant": Option(True, bool, help="store the projector as min-max codes (False: float, as GaLore)"),
+        "quant_n_bit": Option(4, int, choices=(4, 8), help="bits of the projector codes"),
+        "quant_group_size": Option(256, int, low=1, help="numbers per min-max group of the projector codes"),
+        "cos_threshold": Option(
+            0.4, float, low=0, high=1, help="mean |cos| of successive first singular vectors above which the gap grows"
+        ),
+        "gamma_proj": Option(2.0, float, low=1, help="factor by which a settled layer's refresh gap grows"),
+        "queue_size": Option(5, int, low=1, help="refreshes whose cosines are averaged"),
+        "weight_quant": Option(False, bool, help="keep the projected weights as INT8 codes (simulation mode)"),
+        "weight_group_size": Option(256, int, low=1, help="numbers per min-max group of the INT8 weights"),
+        "stochastic_round": Option(True, bool, help="round the INT8 weights stochastically (unbiased)"),
     }
 
-    def validate_projected_group(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> None:
-        super().validate_projected_group(group, params)
-        for key in ("quant", "weight_quant", "stochastic_round"):
-            if not isinstance(group[key], bool):
-                raise RankwiseError(f"{key} must be True or False, got {group[key]!r}")
-        if group["quant_n_bit"] not in (4, 8) or isinstance(group["quant_n_bit"], bool):
-            bits = group["quant_n_bit"]
-            raise RankwiseError(f"quant_n_bit must be 4 or 8 (bits of the projector codes), got {bits!r}")
-        for key in ("quant_group_size", "weight_group_size", "queue_size"):
-            if not _is_positive_int(group[key]):
-                raise RankwiseError(f"{key} must be an integer >= 1, got {group[key]!r}")
-        if not _is_real(group["cos_threshold"]) or not 0 <= group["cos_threshold"] <= 1:
-            raise RankwiseError(f"cos_threshold must be a number in [0, 1], got {group['cos_threshold']!r}")
-        if not _is_real(group["gamma_proj"]) or group["gamma_proj"] < 1:
-            raise RankwiseError(
-                f"gamma_proj must be a number >= 1 (factor by which a settled layer's gap grows), "
-                f"got {group['gamma_proj']!r}"
-            )
-
     def refresh_gap(self, state: Mapping[str, Any], group: Mapping[str, Any]) -> int:
-        """The parameter's own gap, grown by the lazy-refresh rule."""
-        return state["proj_gap"]
+        """Steps to the next multiple of the parameter's own (grown) gap, the reference's schedule."""
+        gap, step = state["proj_gap"], state["step"]
+        return (step // gap + 1) * gap - step
 
-    @torch.no_grad()
-    def step_parameter(
-        self,
-        param: torch.Tensor,
-        group: Mapping[str, Any],
-        *,
-        weight: torch.Tensor | None = None,
-        grad: torch.Tensor | None = None,
-    ) -> None:
-        """GaLore 8-bit step, then (``weight_quant``) requantise the updated weight to INT8.
-
-        ``weight`` / ``grad`` as in :meth:`LowRankAdamW.step_parameter`: under FSDP2 they are
-        the gathered full weight and gradient, so the INT8 groups (and their min / step) are
-        those of the whole matrix, exactly as in single-process training, and the requantised
-        values reach the shard through the caller's write-back.
-        """
-        if weight is None and is_dtensor(param):
-            super().step_parameter(param, group)  # gathers the shard and calls back here
-            return
-        weight = param if weight is None else weight
-        state = self.state[param]
-        steps_before = state.get("step", 0)
-        super().step_parameter(param, group, weight=weight, grad=grad)
-        if group.get("weight_quant") and state.get("step", 0) > steps_before:
-            self._store_int8_weight(param, weight, state, group)
-
-    def _store_int8_weight(
-        self, param: torch.Tensor, weight: torch.Tensor, state: dict, group: Mapping[str, Any]
-    ) -> None:
-        """Quantise ``weight`` (``param``'s values, or its gathered full matrix) to INT8 codes in
+    def after_update(self, param: torch.Tensor, weight: torch.Tensor, state: dict, group: Mapping[str, Any]) -> None:
+        """With ``weight_quant``: quantise ``weight`` (``param``'s values, or its gathered full
+        matrix under FSDP2, so the INT8 groups are those of the whole matrix) to INT8 codes in
         ``state`` and overwrite it with their dequantised values; ``param`` keys the seed."""
+        if not group["weight_quant"]:
+            return
         generator = None
         if group["stochastic_round"]:
             seed = self.parameter_seed(param, group) * 1_000_003 + state["step"]
@@ -238,11 +215,3 @@ def int8_weight(optimizer: QGaLoreAdamW8bit, param: torch.Tensor) -> torch.Tenso
         shape=param.shape,
         dtype=param.dtype,
     )
-
-
-OPTIMIZERS.register(
-    "qgalore",
-    family="galore",
-    paper="Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank Gradients",
-    arxiv="2407.08296",
-)(QGaLoreAdamW8bit.from_parameters)
