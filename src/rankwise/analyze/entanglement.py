@@ -146,7 +146,7 @@ def _entropy(schmidt: torch.Tensor) -> float:
     p = schmidt.double().pow(2)
     p = p / p.sum()
     p = p[p > 0]
-    return float(-(p * p.log()).sum())
+    return float(-(p * p.log()).sum()) + 0.0  # + 0.0: a product state's -0.0 reads as 0.0
 
 
 def _profile(values: list[torch.Tensor], site_dims: Sequence[int], layout: str,
