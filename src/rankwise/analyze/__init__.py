@@ -22,7 +22,7 @@ One module per diagnostic; the scalar ones are registered in ``DIAGNOSTICS``
   (the per-layer tables).
 """
 
-from rankwise.analyze.attention import attention_entanglement, attention_matrix
+from rankwise.analyze.attention import attention_entanglement, attention_matrices, attention_matrix
 from rankwise.analyze.core import (
     DIAGNOSTICS,
     Diagnostic,
@@ -60,6 +60,7 @@ __all__ = [
     "SubspaceOverlap",
     "UpdateDiagnostic",
     "attention_entanglement",
+    "attention_matrices",
     "attention_matrix",
     "effective_rank",
     "effective_rank_of_spectrum",

@@ -27,10 +27,11 @@ from rankwise.analyze.text_inputs import inference, max_positions, token_ids
 from rankwise.errors import RankwiseError
 
 
-def attention_matrix(model: nn.Module, text: str | torch.Tensor, layer: int, head: int, *,
-                     tokenizer: Any = None, length: int | None = None) -> torch.Tensor:
-    """The ``length x length`` attention probabilities of ``head`` in ``layer`` on ``text`` (float32)."""
-    ids = token_ids(text, tokenizer)
+def attention_matrices(model: nn.Module, text: str | torch.Tensor, *, tokenizer: Any = None,
+                       length: int | None = None) -> torch.Tensor:
+    """Every layer's and head's attention probabilities on the first ``length`` tokens of ``text``:
+    a float32 tensor ``(layers, heads, length, length)`` from one forward pass."""
+    ids = token_ids(text, tokenizer, max_positions(model))
     limit = min(ids.numel(), max_positions(model) or ids.numel())
     if length is None:
         length = 1 << (limit.bit_length() - 1)
@@ -42,12 +43,19 @@ def attention_matrix(model: nn.Module, text: str | torch.Tensor, layer: int, hea
     attentions = getattr(outputs, "attentions", None)
     if not attentions:
         raise RankwiseError(f"{type(model).__name__} returned no attention weights (output_attentions=True)")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(attentions):
-        raise RankwiseError(f"layer must be an integer in [0, {len(attentions) - 1}], got {layer!r}")
-    heads = attentions[layer].shape[1]
+    return torch.stack([a[0].float() for a in attentions])
+
+
+def attention_matrix(model: nn.Module, text: str | torch.Tensor, layer: int, head: int, *,
+                     tokenizer: Any = None, length: int | None = None) -> torch.Tensor:
+    """The ``length x length`` attention probabilities of ``head`` in ``layer`` on ``text`` (float32)."""
+    matrices = attention_matrices(model, text, tokenizer=tokenizer, length=length)
+    layers, heads = matrices.shape[:2]
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
+        raise RankwiseError(f"layer must be an integer in [0, {layers - 1}], got {layer!r}")
     if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
         raise RankwiseError(f"head must be an integer in [0, {heads - 1}], got {head!r}")
-    return attentions[layer][0, head].float()
+    return matrices[layer, head]
 
 
 def attention_entanglement(

@@ -71,7 +71,7 @@ def final_hidden_states(model: nn.Module, texts: Sequence[str | torch.Tensor], *
     states = []
     with inference(model) as device:
         for text in texts:
-            ids = token_ids(text, tokenizer)[:limit]
+            ids = token_ids(text, tokenizer, limit)
             outputs = model(input_ids=ids.unsqueeze(0).to(device), output_hidden_states=True)
             states.append(outputs.hidden_states[-1][0].float().cpu())
     return torch.cat(states)

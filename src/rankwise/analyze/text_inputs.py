@@ -14,17 +14,19 @@ from torch import nn
 from rankwise.errors import RankwiseError
 
 
-def token_ids(text: str | torch.Tensor | list[int], tokenizer: Any) -> torch.Tensor:
-    """1-D token ids of ``text`` (a string, encoded by ``tokenizer`` without special tokens, or ids)."""
+def token_ids(text: str | torch.Tensor | list[int], tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D token ids of ``text`` (a string, encoded by ``tokenizer`` without special tokens, or ids),
+    the first ``max_tokens`` of them when given."""
     if isinstance(text, str):
         if tokenizer is None:
             raise RankwiseError(
                 "text given as a string needs tokenizer=...; for the embedded base pass "
                 "rankwise.data.tokenizer.get_tokenizer(), for a model directory AutoTokenizer.from_pretrained(dir)"
             )
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        limit = {} if max_tokens is None else {"truncation": True, "max_length": max_tokens}
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", **limit)["input_ids"][0]
     else:
-        ids = torch.as_tensor(text)
+        ids = torch.as_tensor(text)[:max_tokens]
     if ids.ndim != 1 or ids.numel() == 0 or ids.dtype not in (torch.int32, torch.int64):
         raise RankwiseError(f"expected a non-empty text or 1-D sequence of token ids, got shape {tuple(ids.shape)}")
     return ids.long()
