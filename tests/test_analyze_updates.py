@@ -172,6 +172,18 @@ def test_subspace_overlap_gives_the_principal_angles():
     assert subspace_overlap(first, second, k=1).cosines == pytest.approx((math.cos(a),), abs=1e-12)
 
 
+def test_subspace_overlap_ignores_float32_rounding_in_the_rank():
+    """A LoRA update read back as (W0 + BA in float32) - W0 has rounding noise in every direction;
+    it must not make the default k the full dimension."""
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(64, 64, generator=gen)
+    low_rank = 0.05 * torch.randn(64, 3, generator=gen) @ torch.randn(3, 64, generator=gen)
+    update = (w0 + low_rank).double() - w0.double()
+    other = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    overlap = subspace_overlap(update, other)
+    assert overlap.k == 3 and overlap.overlap < 0.3
+
+
 def test_subspace_overlap_of_random_subspaces_is_k_over_n():
     gen = torch.Generator().manual_seed(3)
     values = [subspace_overlap(torch.randn(200, 8, generator=gen) @ torch.randn(8, 50, generator=gen),

@@ -107,28 +107,38 @@ def _by_layer_figure(report: dict[str, Any]):
 
 def _profile_axes(ax, entropies: Sequence[float], ceiling: Sequence[float], law: dict[str, Any] | None, title: str):
     cuts = list(range(1, len(entropies) + 1))
-    ax.plot(cuts, ceiling, color="#aaa", ls="--", lw=1, label="ln min(D_left, D_right)")
-    ax.plot(cuts, entropies, "o-", ms=3, color="#222", label="S_l")
+    ax.plot(cuts, ceiling, color="#aaa", ls="--", lw=1)
+    ax.plot(cuts, entropies, "o-", ms=3, color="#222")
     if law:
         best = law["fits"][law["law"]]
-        r2 = best["r2"]
-        ax.plot(cuts, best["predicted"], color=_LAW_COLOURS[law["law"]], lw=1.6,
-                label=f"{law['law']} law fit (R2 {r2:.2f})" if math.isfinite(r2) else f"{law['law']} law fit")
-    ax.set_title(title, fontsize=9)
+        ax.plot(cuts, best["predicted"], color=_LAW_COLOURS[law["law"]], lw=1.6)
+        title += f"\n{law['law']} law, R2 {best['r2']:.2f}" if math.isfinite(best["r2"]) else f"\n{law['law']} law"
+    ax.set_title(title, fontsize=8.5)
     ax.set_xlabel("cut l", fontsize=8)
     ax.set_ylabel("entropy (nats)", fontsize=8)
+    ax.set_ylim(0, max(ceiling) * 1.08)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper right")
 
 
 def _grid(count: int, columns: int = 4):
     plt = _pyplot()
     rows = max(1, math.ceil(count / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.0 * rows + 0.5), squeeze=False)
     for ax in axes.flat[count:]:
         ax.axis("off")
     return fig, list(axes.flat)
+
+
+def _finish_grid(fig) -> None:
+    """One legend for every panel (below them), then the layout."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="#aaa", ls="--", label="ceiling ln min(D_left, D_right)"),
+               Line2D([], [], color="#222", marker="o", ms=3, label="measured S_l")]
+    handles += [Line2D([], [], color=colour, lw=1.6, label=f"{law} law fit") for law, colour in _LAW_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
 
 
 def _internal_section(page: HtmlPage, internal: dict[str, Any]) -> None:
@@ -150,12 +160,12 @@ def _internal_section(page: HtmlPage, internal: dict[str, Any]) -> None:
     for ax, (name, entry) in zip(axes, layers.items()):
         profile, law = entry["profile"], entry.get("law")
         _profile_axes(ax, profile["entropies"], profile["ceiling"], law,
-                      f"{_short(name)}\n{law['law'] if law else '-'} law, valley {profile['valley']:.2f}")
+                      f"{_short(name)} (valley {profile['valley']:.2f})")
         best = law["fits"][law["law"]] if law else {}
         table.append([name, law["law"] if law else "-", _fmt(best.get("r2"), "{:.3f}"),
                       _fmt(best.get("rmse"), "{:.3f}"), _fmt(profile["valley"], "{:.2f}"),
                       _fmt(max(profile["entropies"]), "{:.2f}"), len(profile["entropies"]) + 1])
-    fig.tight_layout()
+    _finish_grid(fig)
     page.figure(fig, f"Internal entanglement profiles of {what}, with the fitted law.")
     page.table(["layer", "law", "R2", "RMSE", "valley depth", "max S", "sites"], table, numeric=range(2, 7))
 
@@ -172,11 +182,11 @@ def _external_section(page: HtmlPage, external: dict[str, Any]) -> None:
     for ax, entry in zip(axes, layers):
         law = entry["law"]
         _profile_axes(ax, entry["mean_entropies"], entry["ceiling"], law,
-                      f"layer {entry['layer']}: mean of {sum(entry['head_laws'].values())} heads, {law['law']} law")
+                      f"layer {entry['layer']}: mean of {sum(entry['head_laws'].values())} heads")
         best = law["fits"][law["law"]]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(entry["head_laws"].items()))
         table.append([entry["layer"], law["law"], _fmt(best["r2"], "{:.3f}"), counts])
-    fig.tight_layout()
+    _finish_grid(fig)
     page.figure(fig, "External (attention) entanglement profiles by layer, with the fitted law.")
     page.table(["layer", "law of the mean profile", "R2", "heads per law"], table, numeric=[0, 2])
 

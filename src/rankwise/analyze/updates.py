@@ -9,8 +9,10 @@
   is the normalised subspace similarity of the LoRA paper (Hu et al., "LoRA: Low-Rank
   Adaptation of Large Language Models", arXiv 2106.09685, section 7.2): 1 for the same
   subspace, ``k / n`` expected for random ones in ``R^n``, 0 for orthogonal ones. ``k``
-  defaults to the smaller numerical rank of the two updates (singular values above
-  ``sigma_1 * max(m, n) * eps`` of the compute dtype).
+  defaults to the smaller numerical rank of the two updates: singular values above
+  ``sigma_1 * max(m, n) * eps_float32`` (float32 precision even for float64 input, since an
+  update is usually a difference of float32 weights, whose rounding would otherwise count
+  as rank).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class SubspaceOverlap:
 def _numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
     if singular_values.numel() == 0 or singular_values[0] <= 0:
         return 0
-    tolerance = singular_values[0] * max(shape) * torch.finfo(singular_values.dtype).eps
+    tolerance = singular_values[0] * max(shape) * torch.finfo(torch.float32).eps
     return int((singular_values > tolerance).sum())
 
 
