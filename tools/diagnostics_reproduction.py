@@ -3,10 +3,11 @@
     python tools/diagnostics_reproduction.py --out docs/figures          # the figures of docs/diagnostics.md
 
 Starting from the cached tiny base (``rankwise.data.models.load_base("tiny")``), it fine-tunes
-the attention query and value projections on the embedded fine-tuning split three ways --
-LoRA rank 4, LoRA rank 16 (alpha = 2 r, lr 3e-3) and full fine-tuning of the same two weights
-(everything else frozen, lr 3e-4) -- with the rankwise training loop (AdamW, cosine schedule,
-same batches for all), then measures, per Q / V layer:
+the attention query and value projections on the embedded fine-tuning split four ways -- LoRA
+rank 4 and rank 16 (alpha = 2 r, lr 3e-3), LoRA rank 16 at lr 3e-4, and full fine-tuning of
+the same two weights (everything else frozen, lr 3e-4) -- with the rankwise training loop
+(AdamW, cosine schedule, gradient clipping at 1, the same batches for all), then measures,
+per Q / V layer:
 
 * the internal entanglement profile of the update ``dW = W1 - W0`` (rankwise.analyze
   defaults: prime-factor sites, rows then columns), its fitted law and central valley depth;
@@ -104,7 +105,8 @@ def main() -> None:
     tokenizer = get_tokenizer()
     batches, validation = embedded_data("finetune", batch_size=args.batch_size, seq_len=args.seq_len, seed=0,
                                         eval_batches=4, tokenizer=tokenizer)
-    runs = {"LoRA r=4": ("lora", 4, 3e-3), "LoRA r=16": ("lora", 16, 3e-3), "full FT (Q, V)": ("full", None, 3e-4)}
+    runs = {"LoRA r=4": ("lora", 4, 3e-3), "LoRA r=16": ("lora", 16, 3e-3),
+            "LoRA r=16, lr 3e-4": ("lora", 16, 3e-4), "full FT (Q, V)": ("full", None, 3e-4)}
     tuned, summary = {}, {"base_val_loss": evaluate(base, validation), "steps": args.steps, "runs": {}}
     for label, (method, rank, lr) in runs.items():
         tuned[label], summary["runs"][label] = finetune(base, batches, validation, method, rank, args.steps, lr)
@@ -125,7 +127,7 @@ def main() -> None:
                 "relative_update": float((w1 - w0).norm() / w0.norm()),
             }
     full = tuned["full FT (Q, V)"]
-    for label in ("LoRA r=4", "LoRA r=16"):
+    for label in (label for label in tuned if label.startswith("LoRA")):
         for name in names:
             w0 = base.get_submodule(name).weight.detach()
             lora_update = tuned[label].get_submodule(name).weight.detach() - w0
@@ -146,8 +148,9 @@ def plot(internal, external, names, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"LoRA r=4": "#c0392b", "LoRA r=16": "#e67e22", "full FT (Q, V)": "#2471a3", "base": "#555"}
-    short = {"LoRA r=4": "r4", "LoRA r=16": "r16", "full FT (Q, V)": "FT"}
+    colours = {"LoRA r=4": "#c0392b", "LoRA r=16": "#e67e22", "LoRA r=16, lr 3e-4": "#b7950b",
+               "full FT (Q, V)": "#2471a3", "base": "#555"}
+    short = {"LoRA r=4": "r4", "LoRA r=16": "r16", "LoRA r=16, lr 3e-4": "r16 slow", "full FT (Q, V)": "FT"}
     fig, axes = plt.subplots(2, len(names) // 2, figsize=(3.4 * len(names) // 2, 6.6), squeeze=False)
     for ax, name in zip(axes.T.flat, names):
         first = next(iter(internal.values()))[name]
@@ -222,18 +225,22 @@ def print_tables(summary, names) -> None:
     print("| run | trainable | val loss | seconds |\n|---|---|---|---|")
     for label, run in summary["runs"].items():
         print(f"| {label} | {run['trainable']:,} | {run['val_loss']:.4f} | {run['seconds']:.0f} |")
-    print("\n| layer | " + " | ".join(f"{label}: law / valley / S(out\\|in) / intruders" for label in summary["internal"])
+    print("\n| layer | " + " | ".join(f"{label}: law / valley / S(out\\|in) / intruders / rel. update"
+                                    for label in summary["internal"])
           + " |\n|---|" + "---|" * len(summary["internal"]))
     for name in names:
         cells = []
         for label, layers in summary["internal"].items():
             e = layers[name]
-            cells.append(f"{e['law']} / {e['valley']:.2f} / {e['centre']:.2f} / {e['intruders']}")
+            cells.append(f"{e['law']} / {e['valley']:.2f} / {e['centre']:.2f} / {e['intruders']} / "
+                         f"{e['relative_update']:.2f}")
         print(f"| {name.replace('model.layers.', '')} | " + " | ".join(cells) + " |")
-    print("\n| layer | overlap with full FT: LoRA r=4 | LoRA r=16 |\n|---|---|---|")
+    loras = [label for label in summary["internal"] if label.startswith("LoRA")]
+    print("\n| layer | " + " | ".join(f"overlap with full FT: {label}" for label in loras) + " |\n|---|"
+          + "---|" * len(loras))
     for name in names:
-        print(f"| {name.replace('model.layers.', '')} | {summary['internal']['LoRA r=4'][name]['overlap_with_full']:.3f}"
-              f" | {summary['internal']['LoRA r=16'][name]['overlap_with_full']:.3f} |")
+        print(f"| {name.replace('model.layers.', '')} | "
+              + " | ".join(f"{summary['internal'][label][name]['overlap_with_full']:.3f}" for label in loras) + " |")
     print("\n| layer | " + " | ".join(summary["external"]) + " |\n|---|" + "---|" * len(summary["external"]))
     for index in range(len(summary["external"]["base"])):
         cells = [f"{e[index]['law']} (R2 {e[index]['r2']:.2f}; heads {e[index]['head_laws']})"
