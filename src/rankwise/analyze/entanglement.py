@@ -151,7 +151,7 @@ def _entropy(schmidt: torch.Tensor) -> float:
 
 def _profile(values: list[torch.Tensor], site_dims: Sequence[int], layout: str,
              rows: tuple[int, ...] | None, cols: tuple[int, ...] | None) -> EntanglementProfile:
-    if any(float(v[0]) <= 0 for v in values) or not values:
+    if not values or any(float(v[0]) <= 0 for v in values):
         raise RankwiseError("the entanglement profile of an all-zero tensor (or of a single site) is undefined")
     total = math.prod(site_dims)
     ceiling, left = [], 1

@@ -42,7 +42,8 @@ def _layer_table(page: HtmlPage, report: dict[str, Any]) -> None:
         fit = fits.get(row["name"], {})
         rows.append([row["name"], "x".join(str(d) for d in row["shape"]), _fmt(row["effective_rank"], "{:.1f}"),
                      _fmt(row["stable_rank"], "{:.2f}"), _fmt(row["energy_rank"], "{:.0f}"),
-                     _fmt(row["spectral_norm"]), _fmt(row["nuclear_norm"]), _fmt(fit.get("alpha"), "{:.2f}"),
+                     _fmt(row["spectral_norm"], "{:.2f}"), _fmt(row["nuclear_norm"], "{:.1f}"),
+                     _fmt(fit.get("alpha"), "{:.2f}"),
                      _fmt(fit.get("ks_distance"), "{:.3f}"), fit.get("verdict", "too few eigenvalues")])
     page.table(header, rows, numeric=range(2, 9))
 
