@@ -111,7 +111,7 @@ def test_methods_filters_by_pillar_and_pattern(capsys):
     assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [["lora_pro", "optim"]]
     assert main(["methods", "*_rank"]) == 0
     assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]] == [
-        ["effective_rank", "analyze"], ["stable_rank", "analyze"]]
+        ["effective_rank", "analyze"], ["energy_rank", "analyze"], ["stable_rank", "analyze"]]
     assert main(["methods", "--pillar", "layers"]) == 2
     assert "unknown pillar 'layers'; known: adapters, optim, pretrain, compress, analyze" in capsys.readouterr().err
     assert main(["methods", "zzz*"]) == 2

@@ -1,4 +1,4 @@
-"""Known answers of the rank and norm diagnostics on constructed matrices."""
+"""Known answers of the rank, energy-rank and norm diagnostics on constructed matrices."""
 
 import math
 
@@ -56,4 +56,19 @@ CASES = [
                    rel=1e-7),
     DiagnosticCase("frobenius_norm/spread", "frobenius_norm", lambda: with_spectrum(SPREAD, 10, 6),
                    math.sqrt(sum(s * s for s in SPREAD))),
+    # nuclear norm: sum sigma
+    DiagnosticCase("nuclear_norm/diag-3-4", "nuclear_norm", lambda: torch.diag(torch.tensor([3.0, 4.0])), 7.0,
+                   rel=1e-7),
+    DiagnosticCase("nuclear_norm/identity-16", "nuclear_norm", lambda: torch.eye(16, dtype=torch.float64), 16.0),
+    DiagnosticCase("nuclear_norm/spread", "nuclear_norm", lambda: with_spectrum(SPREAD, 10, 6), sum(SPREAD)),
+    # energy rank: smallest k with s_1^2 + ... + s_k^2 >= share * sum s^2 (SPREAD: 81, 106, 110, 110.25 of 110.25)
+    DiagnosticCase("energy_rank/spread-0.9", "energy_rank", lambda: with_spectrum(SPREAD, 10, 6), 2.0),
+    DiagnosticCase("energy_rank/spread-0.5", "energy_rank", lambda: with_spectrum(SPREAD, 10, 6), 1.0,
+                   options={"share": 0.5}),
+    DiagnosticCase("energy_rank/spread-0.99", "energy_rank", lambda: with_spectrum(SPREAD, 10, 6), 3.0,
+                   options={"share": 0.99}),
+    DiagnosticCase("energy_rank/spread-all", "energy_rank", lambda: with_spectrum(SPREAD, 10, 6), 4.0,
+                   options={"share": 1.0}),
+    DiagnosticCase("energy_rank/identity-16", "energy_rank", lambda: torch.eye(16, dtype=torch.float64), 15.0),
+    DiagnosticCase("energy_rank/rank-one", "energy_rank", rank_one, 1.0, options={"share": 1.0}),
 ]

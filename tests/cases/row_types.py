@@ -46,7 +46,7 @@ class CompressCase:
 
 @dataclass(frozen=True)
 class DiagnosticCase:
-    """One known answer of a per-matrix diagnostic: ``diagnostic(matrix()) == expected``
+    """One known answer of a per-matrix diagnostic: ``diagnostic(matrix(), **options) == expected``
     within ``rel`` (relative) / ``abs`` (absolute), each sized to the answer's own error."""
 
     id: str
@@ -55,3 +55,18 @@ class DiagnosticCase:
     expected: float
     rel: float = 1e-9
     abs: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateCase:
+    """One known answer of a base-vs-tuned diagnostic: ``diagnostic(W0, W1, **options) == expected``
+    where ``matrices()`` returns ``(W0, W1)``."""
+
+    id: str
+    diagnostic: str
+    matrices: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    expected: float
+    rel: float = 1e-9
+    abs: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)

@@ -21,7 +21,7 @@ def stable_rank_of_spectrum(singular_values: torch.Tensor) -> float:
 
 
 def stable_rank(matrix: MatrixLike) -> float:
-    """``||W||_F^2 / ||W||_2^2`` of ``matrix`` (a 2-D tensor, ``nn.Linear`` or ``FactorizedLinear``)."""
+    """``||W||_F^2 / ||W||_2^2`` of ``matrix`` (a 2-D tensor or a Linear-like / factorised layer)."""
     return stable_rank_of_spectrum(spectrum(matrix))
 
 

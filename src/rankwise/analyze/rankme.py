@@ -30,7 +30,7 @@ def effective_rank_of_spectrum(singular_values: torch.Tensor) -> float:
 
 
 def effective_rank(matrix: MatrixLike) -> float:
-    """RankMe effective rank of ``matrix`` (a 2-D tensor, ``nn.Linear`` or ``FactorizedLinear``)."""
+    """RankMe effective rank of ``matrix`` (a 2-D tensor or a Linear-like / factorised layer)."""
     return effective_rank_of_spectrum(spectrum(matrix))
 
 

@@ -2,8 +2,12 @@
 
 ``spectrum(W)`` returns ``sigma_1 >= sigma_2 >= ... >= sigma_min(m,n) >= 0`` of ``W`` as a
 float32 tensor on W's device (computed by :func:`rankwise.linalg.svd` in float32, float64
-for float64 inputs). ``W`` may be a 2-D tensor, an ``nn.Linear`` (its weight) or a
-:class:`~rankwise.nn.FactorizedLinear` (the dense product ``up @ down`` it applies).
+for float64 inputs). ``W`` may be a 2-D tensor, any Linear-like layer (``nn.Linear``,
+transformers' ``Conv1D``, a bitsandbytes quantized Linear: its ``out x in`` weight, read
+through :func:`rankwise.layers.dense_weight`, dequantised), a
+:class:`~rankwise.nn.FactorizedLinear` (the dense product ``up @ down`` it applies) or an
+adapter layer (:class:`~rankwise.adapters.AdapterLayer`: the weight it applies, the base
+weight plus ``delta_weight()`` unless already merged).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from typing import Union
 import torch
 from torch import nn
 
+from rankwise.adapters.base import AdapterLayer
 from rankwise.errors import RankwiseError
+from rankwise.layers import dense_weight, is_linear_like
 from rankwise.linalg.svd import svd
 from rankwise.nn import FactorizedLinear
 
-MatrixLike = Union[torch.Tensor, nn.Linear, FactorizedLinear]
+MatrixLike = Union[torch.Tensor, nn.Module]
 
 
 def as_matrix(matrix: MatrixLike) -> torch.Tensor:
@@ -25,12 +31,17 @@ def as_matrix(matrix: MatrixLike) -> torch.Tensor:
     if isinstance(matrix, FactorizedLinear):
         with torch.no_grad():
             return matrix.up.weight.float() @ matrix.down.weight.float()
-    if isinstance(matrix, nn.Linear):
-        return matrix.weight.detach()
+    if isinstance(matrix, AdapterLayer):
+        with torch.no_grad():
+            weight = dense_weight(matrix.base)
+            return weight if matrix.merged else weight.float() + matrix.delta_weight().float()
+    if isinstance(matrix, nn.Module) and is_linear_like(matrix):
+        return dense_weight(matrix)
     if isinstance(matrix, torch.Tensor) and matrix.ndim == 2 and matrix.numel() > 0:
         return matrix.detach()
     raise RankwiseError(
-        f"expected a non-empty 2-D tensor, an nn.Linear or a FactorizedLinear, got "
+        f"expected a non-empty 2-D tensor, a Linear-like layer (Linear, Conv1D, bitsandbytes Linear), a "
+        f"FactorizedLinear or an adapter layer, got "
         f"{type(matrix).__name__}{tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else ''}"
     )
 

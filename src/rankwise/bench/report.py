@@ -41,16 +41,20 @@ def _fmt(value: Any, pattern: str) -> str:
     return pattern.format(value)
 
 
-def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
-    """A fixed-width text table of the comparable columns (plus the early-loss column)."""
+def table_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of the comparable columns (plus the early-loss column)."""
     rows = with_ratios(rows)
     early = next((k for row in rows for k in row if k.startswith("val_loss_at_")), None)
     optional = ("state_vs_adamw", "time_vs_adamw", "refresh_ms_per_step")  # shown when some row has them
     columns = [c for c in COLUMNS if c[0] not in optional or any(row.get(c[0]) is not None for row in rows)]
     if early:
         columns.insert(-2, (early, early.replace("val_loss_at_", "loss@"), "{:.4f}"))
-    header = [c[1] for c in columns]
-    body = [[_fmt(row.get(key), pattern) for key, _, pattern in columns] for row in rows]
+    return [c[1] for c in columns], [[_fmt(row.get(key), pattern) for key, _, pattern in columns] for row in rows]
+
+
+def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """A fixed-width text table of the comparable columns (plus the early-loss column)."""
+    header, body = table_cells(rows)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = [title] if title else []
     lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
@@ -62,7 +66,8 @@ def format_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def write_results(out_dir: Path, suites: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> list[Path]:
-    """Write results.json (everything), results.csv (one row per set-up) and loss_curves.png."""
+    """Write results.json (everything), results.csv (one row per set-up), loss_curves.png and
+    results.html (the tables and the curves on one self-contained page)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     suites = {name: with_ratios(rows) for name, rows in suites.items()}
     json_path = out_dir / "results.json"
@@ -81,7 +86,23 @@ def write_results(out_dir: Path, suites: dict[str, list[dict[str, Any]]], meta: 
 
     png_path = out_dir / "loss_curves.png"
     plot_curves(suites, png_path)
-    return [json_path, csv_path, png_path]
+
+    from rankwise.report_html import HtmlPage
+
+    page = HtmlPage("rankwise bench", subtitle=", ".join(f"{name}: {len(rows)} set-ups" for name, rows in suites.items()))
+    page.definitions((key, ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value)
+                     for key, value in meta.items())
+    for name, rows in suites.items():
+        page.heading(f"suite {name}")
+        header, body = table_cells(rows)
+        page.table(header, body, numeric=range(1, len(header)))
+        for row in rows:
+            if row.get("note"):
+                page.paragraph(f"{row['setup']}: {row['note']}", note=True)
+    page.heading("validation loss")
+    page.figure(png_path, "Validation loss against step, every set-up of every suite (loss_curves.png).")
+    html_path = page.write(out_dir / "results.html")
+    return [json_path, csv_path, png_path, html_path]
 
 
 def plot_curves(suites: dict[str, list[dict[str, Any]]], path: Path) -> None:

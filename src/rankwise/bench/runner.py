@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from rankwise.bench.kinds import prepare
 from rankwise.bench.setup import SetUp
 from rankwise.data.batches import TokenBatches
-from rankwise.training import cosine_schedule, train
+from rankwise.training import TrainingHooks, cosine_schedule, train
 
 MB = 1024 * 1024
 
@@ -71,8 +71,10 @@ def run_setup(
     config: RunConfig,
     *,
     progress: Any = None,
+    hooks: Sequence[TrainingHooks] = (),
 ) -> tuple[dict[str, Any], nn.Module]:
-    """Train one set-up; return its result row and the trained model.
+    """Train one set-up; return its result row and the trained model. ``hooks`` run in the training
+    loop after the set-up's own (observers such as a gradient-rank recorder).
 
     A ``reference`` set-up whose package is not installed is not trained: its row carries a
     ``note`` saying why, and the model returned is None.
@@ -103,7 +105,7 @@ def run_setup(
         eval_every=config.eval_every,
         scheduler=scheduler,
         progress=progress,
-        hooks=prepared.hooks,
+        hooks=(*prepared.hooks, *hooks),
     )
     row = {
         "setup": setup.name,

@@ -87,12 +87,12 @@ def optim_setup(args: argparse.Namespace, name: str, default_lr: float, *, metho
     return SetUp(name, "optim", args.optim, lr=args.lr or default_lr, rank=rank, options=options)
 
 
-def train_and_report(setup: SetUp, workload: Workload, config: RunConfig):
+def train_and_report(setup: SetUp, workload: Workload, config: RunConfig, hooks=()):
     from tqdm.auto import tqdm
 
     from rankwise.bench.report import format_table
 
     with tqdm(total=config.steps, desc=setup.name, unit="step") as bar:
-        row, model = run_setup(setup, workload, config, progress=bar)
+        row, model = run_setup(setup, workload, config, progress=bar, hooks=hooks)
     print(format_table([row], title=f"== {setup.name} on {workload.name} =="))
     return row, model

@@ -1,4 +1,4 @@
-"""``rankwise`` command: bench, pretrain, finetune, compress, methods.
+"""``rankwise`` command: bench, pretrain, finetune, compress, inspect, methods.
 
 Every training command runs on the embedded default (corpus, tokenizer, tiny/small LLaMA,
 cached base checkpoint) or on ``--model DIR`` (a Hugging Face model directory) with
@@ -12,11 +12,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from rankwise.cli import bench, compress, finetune, methods, pretrain
+from rankwise.cli import bench, compress, finetune, inspect, methods, pretrain
 from rankwise.errors import RankwiseError
 
 #: every sub-command: a module with ``add_parser(sub)`` (which sets ``run``) and ``run(args)``
-COMMANDS = (bench, pretrain, finetune, compress, methods)
+COMMANDS = (bench, pretrain, finetune, compress, inspect, methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
