@@ -513,7 +513,7 @@ BAD = [
     ("corda", {"mode": "kpm", "niter": 2}, "needs mode='ipm'"),
     ("eva", {"rho": 0.5}, "option rho must be a number >= 1"),
     ("eva", {"tau": 2}, "option tau must be a number in [0, 1]"),
-    ("eva", {"data": [make_batch(seq=1)]}, "no data batch had enough tokens"),
+    ("eva", {"data": [make_batch(seq=1)]}, "the whole data set gives layer"),
     ("lora_sb", {"update": "lion"}, "option update must be one of 'adam', 'sgd'"),
     ("lora_sb", {"niter": -1}, "niter must be None"),
 ]

@@ -21,6 +21,7 @@ from torch import nn
 
 from conftest import make_llama, register_for_test
 from rankwise.adapters import ADAPTERS, AdapterLayer, adapt, adapter_layers, export_peft, import_peft, merge
+from rankwise.adapters.base import LINEAR_LIKE
 from rankwise.errors import RankwiseError
 
 RANK = 4
@@ -94,7 +95,7 @@ TEST_ONLY_METHODS = {
 @pytest.fixture(autouse=True)
 def _register_test_only_methods(monkeypatch):
     for name, cls in TEST_ONLY_METHODS.items():
-        register_for_test(monkeypatch, ADAPTERS, name, cls)
+        register_for_test(monkeypatch, ADAPTERS, name, cls, supports=frozenset(LINEAR_LIKE))
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_import_onto_an_adapted_model_is_refused(tmp_path, batch):
     save_lora_adapter(tmp_path)
     model = perturb(adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"]))
     before = snapshot(model)
-    with pytest.raises(RankwiseError, match="stacking"):
+    with pytest.raises(RankwiseError, match="already holds an adapter named 'default'"):
         import_peft(model, tmp_path)
     assert_untouched(model, before)
 
