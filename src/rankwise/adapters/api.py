@@ -414,7 +414,8 @@ def restore_flags(model: nn.Module) -> None:
     """The ``requires_grad`` flags from before the first adapter, once the model holds none."""
     flags = getattr(model, _FLAGS_ATTR, {})
     for name, p in model.named_parameters():
-        p.requires_grad_(flags.get(name, True))
+        if p.is_floating_point():  # a quantized base's codes (LoftQ's) never require grad
+            p.requires_grad_(flags.get(name, True))
     for attr in (_FLAGS_ATTR, _ACTIVE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
