@@ -27,6 +27,7 @@ bitsandbytes is optional: without it no module is quantized.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -48,9 +49,10 @@ SCHEMES = ("nf4", "fp4", "int8")
 
 
 def _bnb_kind(module: nn.Module) -> str | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    # No module can be a bitsandbytes layer before bitsandbytes is imported (a 3-5 s import, spared
+    # to everyone without a quantized model).
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return None
     if isinstance(module, bnb.nn.Linear4bit):
         return "linear4bit"
