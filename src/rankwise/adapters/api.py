@@ -49,7 +49,7 @@ from rankwise.adapters.base import (
 )
 from rankwise.calibration import materialise_data
 from rankwise.errors import RankwiseError
-from rankwise.layers import ADAPTABLE_KINDS, LINEAR_KINDS, Conv1D, features, layer_kind
+from rankwise.layers import ADAPTABLE_KINDS, LINEAR_KINDS, Conv1D, disable_cpu_repacking, features, layer_kind
 from rankwise.options import Option, declared_options
 from rankwise.targets import Targets, match_targets, replace_module
 
@@ -254,6 +254,7 @@ def install_layers(model: nn.Module, layers: dict[str, AdapterLayer], adapter_na
         setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for name, layer in layers.items():
         layer.adapter_name = adapter_name
+        disable_cpu_repacking(layer.base)  # adapters switch between train and eval: see rankwise.layers
         current = model.get_submodule(name)
         if isinstance(current, AdapterSet):
             current.add(adapter_name, layer)

@@ -1,4 +1,5 @@
-"""The adapter layer contract: one nn.Linear wrapped with a low-rank (or otherwise cheap) update.
+"""The adapter layer contract: one layer (Linear, GPT-2 Conv1D, bitsandbytes 4-bit / 8-bit Linear,
+Embedding, Conv2d -- :data:`LAYER_TYPES`) wrapped with a low-rank (or otherwise cheap) update.
 
 How to add an adapter method
 ============================
@@ -17,10 +18,19 @@ One file, one registration, one test row; nothing else changes.
    Register it with ONE decorator::
 
        @ADAPTERS.register("<method>", family="<family>", paper="<title>", arxiv="<id>",
-                          supports=("linear",))
+                          supports=LINEAR_LIKE)
 
    (``needs_data`` is derived from the class's ``statistics``; passing a value that disagrees
-   is a declaration error.)
+   is a declaration error.) ``supports`` lists the layer kinds the method takes (names of
+   :data:`LAYER_TYPES`; ``LINEAR_LIKE`` = linear, conv1d, linear4bit, linear8bit;
+   ``FULL_PRECISION`` = linear, conv1d for methods that rewrite the base weight); ``adapt``
+   refuses any other kind before it touches the model, and ``--help-method`` shows it. Write
+   the method once, for the ``out x in`` matrix: read the weight with :meth:`AdapterLayer.base_weight`
+   (dequantized, untransposed, fp32), allocate with ``self.factory`` (the base's compute dtype),
+   and apply ``k x in`` / ``out x k`` factors with :meth:`AdapterLayer.project_in` /
+   :meth:`AdapterLayer.project_out` where the method should also take embeddings and
+   convolutions; never touch ``self.base.weight`` (Conv1D stores it transposed, bitsandbytes
+   as codes).
 2. Hooks to implement (the base class does the rest: forward, dropout, merge/unmerge in
    fp32, freezing, config, save/load, rollback):
 
@@ -35,10 +45,10 @@ One file, one registration, one test row; nothing else changes.
    ``__init__(self, base, rank, alpha, **options)``
        Call ``super().__init__(base, rank, alpha, **options)`` first (checks rank against
        ``max_rank``, alpha and every option; sets ``self.rank``, ``self.alpha``,
-       ``self.options``, ``self.in_features``, ``self.out_features``, ``self.name``,
-       ``self.dropout``), then check what one Option cannot express (constraints between
-       options, e.g. ``target_r <= rank``; raise ``self.error(...)``) and ALLOCATE tensors
-       with ``self.factory`` (device/dtype of the base weight), e.g. ``torch.empty(r, n,
+       ``self.options``, ``self.in_features``, ``self.out_features`` of the matrix view,
+       ``self.kind``, ``self.name``, ``self.dropout``), then check what one Option cannot
+       express (constraints between options, e.g. ``target_r <= rank``; raise ``self.error(...)``) and ALLOCATE tensors
+       with ``self.factory`` (device and compute dtype of the base), e.g. ``torch.empty(r, n,
        **self.factory)``. Do no expensive or random init here: ``load_adapter`` builds
        layers through ``__init__`` only and then copies the saved tensors in.
        Trainable tensors are ``nn.Parameter``; frozen ones (random projections, initial
@@ -81,7 +91,9 @@ One file, one registration, one test row; nothing else changes.
    ``lora_parameters()`` (trainable ``A``, ``B``, scaling of a LoRA-shaped update, for LoRA+,
    LoRA-Pro and PEFT export), ``lora_factors()`` / ``base_offset_factors()`` (exact factors
    of the update / the base offset, for an exact PEFT export). ``self.error(msg)`` builds a
-   RankwiseError naming the method and layer. Stacking adapters is refused by ``adapt``.
+   RankwiseError naming the method and layer. A layer knows nothing of other adapters: the
+   framework's :class:`AdapterSet` holds several named ones on one module, each contributing
+   :meth:`AdapterLayer.contribution` (override it, not ``forward``, for a training-time term).
 3. Tests: add ONE row to ``CASES`` in the family's ``tests/cases/adapters_<family>.py``:
    ``AdapterCase("<id>", "<method>", {options}, needs_data, identity_at_init,
    lambda n_in, n_out, r: <trainable parameters of one layer>)``. The common suite fails for
@@ -91,9 +103,12 @@ One file, one registration, one test row; nothing else changes.
    gradients on exactly the adapter parameters, the parameter count, a lower loss after 5
    Adam steps with frozen tensors unchanged, merge / unmerge / unload equality,
    ``original_weight()``, a save/load roundtrip onto a fresh base and (with PEFT installed)
-   an export that PEFT loads onto the original base. Put method-specific checks (paper
-   formulas on constructed inputs, the authors' code or PEFT as an oracle) in
-   ``tests/test_adapters_<family or method>.py``.
+   an export that PEFT loads onto the original base. The same row also runs on a tiny GPT-2
+   and (the first row of each method) on all-MiniLM-L6-v2 (tests/test_adapters_models.py), and
+   on an NF4 base (tests/test_adapters_quantized.py: identity at init, adapter-only gradients,
+   save/load, lossy merge refused -- or the refusal of a method that does not support
+   ``linear4bit``). Put method-specific checks (paper formulas on constructed inputs, the
+   authors' code or PEFT as an oracle) in ``tests/test_adapters_<family or method>.py``.
 """
 
 from __future__ import annotations
@@ -108,7 +123,6 @@ from torch.nn import functional as F
 from rankwise.errors import RankwiseError
 from rankwise.layers import ADAPTABLE_KINDS, QUANTIZED_KINDS, dense_weight, features, layer_kind, write_dense_weight
 from rankwise.layers import compute_dtype as layer_compute_dtype
-from rankwise.layers import disable_cpu_repacking
 from rankwise.options import Option, declared_options, resolve
 from rankwise.registry import Registry
 
@@ -259,7 +273,6 @@ class AdapterLayer(nn.Module):
             raise self.error(f"cannot wrap a {type(base).__name__}; adaptable layers: {', '.join(LAYER_TYPES.values())}")
         if self.kind == "conv2d" and base.groups != 1:
             raise self.error(f"cannot wrap a grouped convolution (groups={base.groups}); exclude it from targets")
-        disable_cpu_repacking(base)
         self.base = base
         self.out_features, self.in_features = features(base)
         self.adapter_name = "default"
