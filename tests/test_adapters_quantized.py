@@ -11,7 +11,6 @@ weight: they refuse a quantized base with a message naming the remedy, leaving i
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -3,14 +3,12 @@ loading), QPiSSA (quantizing the residual of an adapted model) and the refusals.
 
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 import torch
-from torch import nn
 
 import rankwise
-from conftest import make_batch, make_gpt2, make_llama
+from conftest import make_gpt2, make_llama
 from rankwise.adapters import adapt, adapter_layers, disable_adapter, merge
 from rankwise.errors import RankwiseError
 from rankwise.layers import dense_weight, layer_kind
