@@ -125,15 +125,33 @@ def test_lora_on_fp4_and_int8_bases(scheme, batch, tmp_path):
     assert all(layer.lora_B.grad is not None for layer in adapter_layers(model).values())
     with pytest.raises(RankwiseError, match="allow_lossy"):
         merge(model)
+    perturb_b(model)
+    merged = {name: dense_weight(layer.base, torch.float32) + layer.delta_weight().detach()
+              for name, layer in adapter_layers(model).items()}
+    merge(model, allow_lossy=True)
+    for name, layer in adapter_layers(model).items():  # requantized with the layer's own scheme
+        if scheme == "int8":
+            rows, scales, _ = bnb.functional.int8_vectorwise_quant(merged[name].half())
+            expected = rows.float() * scales.float()[:, None] / 127
+        else:
+            codes, state = bnb.functional.quantize_4bit(merged[name], blocksize=64, compress_statistics=True,
+                                                        quant_type=scheme)
+            expected = bnb.functional.dequantize_4bit(codes, state)
+        # (int8: the same codes; scales / 127 is rounded in another order, hence one ulp)
+        torch.testing.assert_close(dense_weight(layer.base), expected, atol=0, rtol=0 if scheme != "int8" else 3e-7)
+
+
+def perturb_b(model):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
 
 
 def test_lossy_merge_is_the_requantization_of_the_merged_weight(batch):
     """merge(allow_lossy=True) on NF4 = quant(dequant(Q) + delta): bitsandbytes' own quantizer of the merged weight."""
     model = adapt(quantized_llama(), "lora", rank=RANK, alpha=ALPHA)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=generator))
+    perturb_b(model)
     expected = {}
     for name, layer in adapter_layers(model).items():
         merged = dense_weight(layer.base, torch.float32) + layer.delta_weight().detach()
