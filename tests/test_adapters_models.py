@@ -30,8 +30,10 @@ RANK, ALPHA = 4, 8.0
 CASES = collect("adapters_")
 #: the first row of every method (MiniLM is 1000x the tiny models: every method, not every variant)
 FIRST_ROWS = list({case.method: case for case in reversed(CASES)}.values())[::-1]
-ROWS = [(case, "gpt2") for case in CASES] + [(case, "minilm") for case in FIRST_ROWS]
-rows = pytest.mark.parametrize("case, base", ROWS, ids=[f"{b}-{c.id}" for c, b in ROWS], indirect=["base"])
+# the MiniLM rows take 1-3 s each (the SVD / QR / LU inits of 31 layers of 384 x 1536): marked slow
+ROWS = ([pytest.param(case, "gpt2", id=f"gpt2-{case.id}") for case in CASES]
+        + [pytest.param(case, "minilm", id=f"minilm-{case.id}", marks=pytest.mark.slow) for case in FIRST_ROWS])
+rows = pytest.mark.parametrize("case, base", ROWS, indirect=["base"])
 MINILM_TARGETS = ["query", "value", "dense"]
 
 
