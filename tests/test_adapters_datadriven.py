@@ -513,7 +513,7 @@ BAD = [
     ("corda", {"mode": "kpm", "niter": 2}, "needs mode='ipm'"),
     ("eva", {"rho": 0.5}, "option rho must be a number >= 1"),
     ("eva", {"tau": 2}, "option tau must be a number in [0, 1]"),
-    ("eva", {"data": [make_batch(seq=1)]}, "no data batch had enough tokens"),
+    ("eva", {"data": [make_batch(seq=1)]}, "the whole data set gives layer"),
     ("lora_sb", {"update": "lion"}, "option update must be one of 'adam', 'sgd'"),
     ("lora_sb", {"niter": -1}, "niter must be None"),
 ]
@@ -538,3 +538,78 @@ def test_corda_refuses_a_layer_that_saw_only_zero_inputs():
     with pytest.raises(RankwiseError, match="saw only zero inputs"):
         adapt(net, "corda", rank=2, targets=["0"], data=[torch.zeros(3, 4)])
     assert_same_state(net, before)
+
+
+# ----- encoders: models without a loss, a pooler with one row per sequence --------------------
+
+
+def encoder_batches(count: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1000, 5000, (2, 12), generator=gen)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "lora_sb"])
+def test_gradient_inits_on_an_encoder_say_to_pass_a_loss_fn(minilm, method):
+    before = state_of(minilm)
+    with pytest.raises(RankwiseError, match="computes none of its own.*pass loss_fn=lambda model, batch"):
+        adapt(minilm, method, rank=RANK, targets=["query", "value"], data=encoder_batches(1))
+    assert_same_state(minilm, before)
+    assert not adapter_layers(minilm)
+
+
+def test_loss_fn_gives_the_gradient_of_the_users_loss(minilm):
+    """The collected G is the mean over batches of dL/dW for the user's loss (autograd on the weight as oracle)."""
+    from rankwise.calibration import collect_weight_gradients
+
+    def loss_fn(model, batch):
+        return model(**batch).pooler_output.square().sum()
+
+    batches = encoder_batches(2)
+    names = ["encoder.layer.5.attention.self.query", "pooler.dense"]
+    expected = {}
+    for name in names:
+        weight = minilm.get_submodule(name).weight
+        total = torch.zeros_like(weight)
+        for batch in batches:
+            minilm.zero_grad()
+            loss_fn(minilm, batch).backward()
+            total += weight.grad / len(batches)
+        expected[name] = total
+    minilm.zero_grad()
+    got = collect_weight_gradients(minilm, names, batches, loss_fn)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-4)
+    assert all(p.grad is None for p in minilm.parameters())  # nothing was written to the model
+
+
+def test_loss_fn_errors_name_the_batch(minilm):
+    with pytest.raises(RankwiseError, match="loss_fn must return a scalar tensor; on data batch 0"):
+        adapt(minilm, "lora_ga", rank=RANK, targets=["query"], data=encoder_batches(1),
+              loss_fn=lambda model, batch: model(**batch).last_hidden_state)
+    with pytest.raises(RankwiseError, match="loss_fn failed on data batch 0 .*ZeroDivisionError"):
+        adapt(minilm, "lora_ga", rank=RANK, targets=["query"], data=encoder_batches(1), loss_fn=lambda m, b: 1 / 0)
+    with pytest.raises(RankwiseError, match="does not use data; drop the data / loss_fn"):
+        adapt(minilm, "lora", rank=RANK, loss_fn=lambda m, b: 0)
+
+
+def test_eva_pools_the_pooler_rows_across_batches(minilm):
+    """pooler.dense sees 2 rows per batch (one per sequence); rank 4 with rho 1 needs 4 components,
+    so two batches are pooled into one update -- and one batch alone is refused."""
+    before = state_of(minilm)
+    with pytest.raises(RankwiseError, match=r"the whole data set gives layer 'pooler.dense' only 2 .*rows, fewer "
+                                            r"than the 4 components"):
+        adapt(minilm, "eva", rank=4, rho=1.0, targets=["pooler.dense"], data=encoder_batches(1))
+    assert_same_state(minilm, before)
+    adapt(minilm, "eva", rank=4, rho=1.0, targets=["pooler.dense"], data=encoder_batches(2))
+    layer = adapter_layers(minilm)["pooler.dense"]
+    # the components are the top right singular vectors of the 4 pooled [CLS] rows (centred, as the PCA)
+    rows = []
+    handle = minilm.pooler.dense.register_forward_pre_hook(lambda m, args: rows.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in encoder_batches(2):
+            minilm(**batch)
+    handle.remove()
+    stacked = torch.cat(rows)
+    _, _, vh = torch.linalg.svd(stacked - stacked.mean(0), full_matrices=False)
+    overlap = (layer.lora_A.detach() @ vh[:4].T).abs()
+    torch.testing.assert_close(overlap.max(dim=1).values, torch.ones(4), atol=1e-4, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rankwise.adapters import ADAPTERS, adapt, adapter_layers, after_step, regularization_loss
+from rankwise.adapters.base import LINEAR_LIKE
 from rankwise.adapters.lora import LoraLayer
 from conftest import register_for_test
 
@@ -35,7 +36,7 @@ def test_plain_lora_has_no_loss_term_and_its_schedule_changes_nothing(llama, bat
 
 
 def test_loss_terms_are_summed_and_schedules_called_once_with_all_layers(llama, monkeypatch):
-    register_for_test(monkeypatch, ADAPTERS, "reg-lora", RegularisedLora)
+    register_for_test(monkeypatch, ADAPTERS, "reg-lora", RegularisedLora, supports=frozenset(LINEAR_LIKE))
     RegularisedLora.calls = []
     adapt(llama, "reg-lora", rank=2, targets=["q_proj", "v_proj"])
     layers = adapter_layers(llama)

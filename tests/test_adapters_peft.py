@@ -239,20 +239,24 @@ def _method_rows() -> list[tuple]:
     (tests/test_adapters.py fails for a method without one) plus the test-only methods."""
     rows = {}
     for case in collect("adapters_"):
-        rows.setdefault(case.method, (case.id, case.options, case.needs_data, case.method))
-    return list(rows.values()) + [(f"{m} (test-only)", {}, False, m) for m in TEST_ONLY_METHODS]
+        rows.setdefault(case.method, (case.id, case.options, case.needs_data, case.method, case.quantizes_base))
+    return list(rows.values()) + [(f"{m} (test-only)", {}, False, m, False) for m in TEST_ONLY_METHODS]
 
 
 METHOD_ROWS = _method_rows()
 
 
-@pytest.mark.parametrize("case_id, options, needs_data, method", METHOD_ROWS, ids=[r[0] for r in METHOD_ROWS])
-def test_every_method_exports_to_peft_on_the_original_base(case_id, options, needs_data, method, batch, tmp_path):
+@pytest.mark.parametrize("case_id, options, needs_data, method, quantizes_base", METHOD_ROWS,
+                         ids=[r[0] for r in METHOD_ROWS])
+def test_every_method_exports_to_peft_on_the_original_base(case_id, options, needs_data, method, quantizes_base,
+                                                           batch, tmp_path):
     data = [make_batch(seed=1), make_batch(seed=2)] if needs_data else None
     model = perturb(adapt(make_llama(), method, rank=RANK, alpha=2 * RANK, data=data, **options))
-    original = make_llama()
+    # LoftQ's base is NF4 codes (of W itself at loftq_iter=1): a PEFT QLoRA adapter of the quantized model
+    base = (lambda: rankwise.quantize(make_llama(), "nf4")) if quantizes_base else make_llama
+    original = base()
     report = export_peft(model, tmp_path)
-    loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path)
+    loaded = peft.PeftModel.from_pretrained(base(), tmp_path)
 
     exported, truth = peft_deltas(loaded), true_updates(model, original)
     assert exported.keys() == truth.keys() == report["modules"].keys()
@@ -272,7 +276,7 @@ def test_every_method_exports_to_peft_on_the_original_base(case_id, options, nee
         assert gap > ATOL, "an approximated update must change the outputs measurably"
         full = export_peft(model, tmp_path / "full", rank=64)
         assert full["exact"]
-        loaded_full = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "full")
+        loaded_full = peft.PeftModel.from_pretrained(base(), tmp_path / "full")
         assert (logits(loaded_full, batch) - logits(model, batch)).abs().max().item() < ATOL
 
 

@@ -21,6 +21,8 @@ from torch import nn
 
 from conftest import make_llama, register_for_test
 from rankwise.adapters import ADAPTERS, AdapterLayer, adapt, adapter_layers, export_peft, import_peft, merge
+from rankwise.adapters.base import LINEAR_LIKE
+from rankwise.layers import dense_weight
 from rankwise.errors import RankwiseError
 
 RANK = 4
@@ -94,7 +96,7 @@ TEST_ONLY_METHODS = {
 @pytest.fixture(autouse=True)
 def _register_test_only_methods(monkeypatch):
     for name, cls in TEST_ONLY_METHODS.items():
-        register_for_test(monkeypatch, ADAPTERS, name, cls)
+        register_for_test(monkeypatch, ADAPTERS, name, cls, supports=frozenset(LINEAR_LIKE))
 
 
 # ----- helpers ---------------------------------------------------------------------------------
@@ -116,10 +118,15 @@ def perturb(model, seed=0, scale=0.05):
 
 
 def true_updates(model, original) -> dict[str, torch.Tensor]:
-    """``W_eff - W0`` per adapted module, from a merged copy and the untouched original base."""
+    """``W_eff - W0`` per adapted module, from a merged copy and the untouched original base (on a
+    quantized base the merge would round: the stored weight plus the update, unrounded)."""
+    if any(layer.quantized for layer in adapter_layers(model).values()):
+        return {name: dense_weight(layer.base, torch.float32) + layer.delta_weight().detach().float()
+                - dense_weight(original.get_submodule(name), torch.float32)
+                for name, layer in adapter_layers(model).items()}
     merged = merge(copy.deepcopy(model))
     return {
-        name: layer.base.weight.float() - original.get_submodule(name).weight.float()
+        name: dense_weight(layer.base, torch.float32) - dense_weight(original.get_submodule(name), torch.float32)
         for name, layer in adapter_layers(merged).items()
     }
 
@@ -208,7 +215,6 @@ BREAKAGES = {
     "pickle-weights": (_to_bin, "pickle"),
     "dora": (lambda d: _edit_config(d, use_dora=True), "use_dora"),
     "bias": (lambda d: _edit_config(d, bias="all"), "bias='all'"),
-    "fan-in-fan-out": (lambda d: _edit_config(d, fan_in_fan_out=True), "fan_in_fan_out"),
     "pissa-init": (lambda d: _edit_config(d, init_lora_weights="pissa_niter_4"), "rewrites the base"),
     "modules-to-save": (lambda d: _edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
     "unpaired-factor": (_drop_b, "no lora_B"),
@@ -233,7 +239,7 @@ def test_import_onto_an_adapted_model_is_refused(tmp_path, batch):
     save_lora_adapter(tmp_path)
     model = perturb(adapt(make_llama(), "lora", rank=RANK, targets=["q_proj"]))
     before = snapshot(model)
-    with pytest.raises(RankwiseError, match="stacking"):
+    with pytest.raises(RankwiseError, match="already holds an adapter named 'default'"):
         import_peft(model, tmp_path)
     assert_untouched(model, before)
 

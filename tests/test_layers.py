@@ -57,7 +57,7 @@ def test_plain_layers_and_refusals():
     assert layer_kind(nn.Embedding(10, 4)) == "embedding" and layer_kind(nn.Conv2d(3, 4, 3)) == "conv2d"
     assert not is_linear_like(nn.Embedding(10, 4)) and layer_kind(nn.ReLU()) is None
     with pytest.raises(RankwiseError, match="not a Linear-like layer"):
-        features(nn.Embedding(10, 4))
+        features(nn.ReLU())
 
 
 def test_all_linear_means_every_linear_like_layer_but_the_head(gpt2, llama):

@@ -26,6 +26,7 @@ from rankwise.adapters import (
 )
 from rankwise.compress import compress, load_compressed, save_compressed
 from rankwise.errors import RankwiseError
+from rankwise.quantize import quantize  # QLoRA bases: rankwise.quantize(model, "nf4" | "fp4" | "int8")
 
 __version__ = "0.1.0"
 

@@ -10,8 +10,12 @@ UNMODIFIED model once per kind of statistic and hands each layer its
 - ``"input_batches"``    -- a list with one ``tokens x in`` float32 matrix per batch (EVA's
   minibatch SVD). Memory grows with the data: pass few, short batches.
 - ``"weight_gradient"``  -- ``mean_b dL_b/dW`` (``out x in``, float32) of the full base weight,
-  ``L_b`` being the model's own loss (``output.loss``; batches need ``labels``) (LoRA-GA,
-  LoRA-SB).
+  ``L_b`` being the model's own loss (``output.loss``; batches need ``labels``) or, for models
+  that compute none (encoders, custom heads), ``loss_fn(model, batch)`` (LoRA-GA, LoRA-SB).
+  It is read from the layer's input rows ``x`` and output gradients ``g`` (``dL/dW = sum g^T x``
+  for ``y = x W^T + b``), so it works on every Linear-like layer -- GPT-2's Conv1D, a quantized
+  bitsandbytes layer (the gradient of its dequantized matrix) or a module holding adapters --
+  without making any weight trainable.
 
 Collection runs in eval mode (dropout off, so it is deterministic), restores the train/eval
 mode, every ``requires_grad`` flag and every existing ``.grad`` afterwards, and never writes
@@ -48,14 +52,21 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def batch_on_device(model: nn.Module, batch: Any) -> Any:
+    """``batch`` with its tensors moved to the model's device (dicts and tensors; anything else as is)."""
+    device = model_device(model)
+    if isinstance(batch, dict):
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
 def run_batch(model: nn.Module, batch: Any, index: int = 0) -> Any:
     """``model(**batch)`` for a dict, ``model(batch)`` for a tensor; tensors moved to the model's device."""
-    device = model_device(model)
     try:
         if isinstance(batch, dict):
-            return model(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+            return model(**batch_on_device(model, batch))
         if torch.is_tensor(batch):
-            return model(batch.to(device))
+            return model(batch_on_device(model, batch))
     except RankwiseError:
         raise
     except Exception as exc:  # the user's batch does not fit the model: say which one
@@ -140,45 +151,105 @@ def _model_loss(output: Any, index: int) -> torch.Tensor:
         loss = output
     if loss is None:
         raise RankwiseError(
-            f"data batch {index} gave no loss; gradient-based inits need batches with labels "
-            "(e.g. dict(input_ids=..., labels=...)) for a model that returns .loss"
+            f"data batch {index} gave no loss; gradient-based inits need a loss: batches with labels "
+            "(e.g. dict(input_ids=..., labels=...)) for a model that returns .loss, or -- for a model that "
+            "computes none of its own (an encoder such as AutoModel, a custom head) -- pass "
+            "loss_fn=lambda model, batch: <scalar loss> to adapt"
         )
     return loss
 
 
-def collect_weight_gradients(model: nn.Module, layer_names: list[str], data: list[Any]) -> dict[str, torch.Tensor]:
-    """``mean over batches of dL/dW`` (float32) for the weight of each named Linear layer.
-
-    Only the named weights require grad during the passes; every flag and existing gradient
-    of the model is restored afterwards.
-    """
-    params = dict(model.named_parameters())
-    saved_flags = {name: p.requires_grad for name, p in params.items()}
-    saved_grads = {name: p.grad for name, p in params.items()}
-    weights = {name: model.get_submodule(name).weight for name in layer_names}
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+def batch_loss(model: nn.Module, batch: Any, index: int, loss_fn: Callable[[nn.Module, Any], Any] | None) -> torch.Tensor:
+    """The loss of one batch: ``loss_fn(model, batch)`` when given, else the model's own ``.loss``."""
+    if loss_fn is None:
+        return _model_loss(run_batch(model, batch, index), index)
     try:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-        for w in weights.values():
-            w.requires_grad_(True)
-        with _eval_mode(model):
+        loss = loss_fn(model, batch_on_device(model, batch))
+    except RankwiseError:
+        raise
+    except Exception as exc:
+        raise RankwiseError(f"loss_fn failed on data batch {index} ({type(exc).__name__}: {exc})") from exc
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        raise RankwiseError(f"loss_fn must return a scalar tensor; on data batch {index} it returned "
+                            f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}")
+    return loss.reshape(())
+
+
+def collect_weight_gradients(
+    model: nn.Module,
+    layer_names: list[str],
+    data: list[Any],
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``mean over batches of dL/dW`` (float32, ``out x in``) for the weight of each named Linear-like layer.
+
+    ``dL/dW = sum over rows of g^T x`` with ``x`` the layer's input rows and ``g = dL/dy`` its output
+    gradient, captured by hooks; no parameter is made trainable and no ``.grad`` is written (an
+    input that does not require grad is flagged to, so the loss reaches every targeted layer).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (layer, input rows, output) of this batch
+    handles = []
+
+    def before(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
+            # nothing upstream is tracked, so a tracked alias loses no gradient and leaves the caller's tensor alone
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def after_for(name: str):
+        def after(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_tensor(output) and output.requires_grad:
+                captured.append((name, args[0].detach().reshape(-1, args[0].shape[-1]), output))
+
+        return after
+
+    try:
+        for name in layer_names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after_for(name)))
+        with _eval_mode(model), torch.enable_grad():
             for index, batch in enumerate(data):
-                _model_loss(run_batch(model, batch, index), index).backward()
-                for name, w in weights.items():
-                    if w.grad is not None:
-                        sums[name] += w.grad.to(torch.float32)
-                        w.grad = None
+                captured.clear()
+                loss = batch_loss(model, batch, index, loss_fn)
+                if not captured or not loss.requires_grad:
+                    continue
+                # autograd.grad, not backward: no parameter's .grad is written
+                grads = torch.autograd.grad(loss, [out for _, _, out in captured], allow_unused=True)
+                for (name, rows, _), grad in zip(captured, grads):
+                    if grad is not None:
+                        outer = grad.reshape(-1, grad.shape[-1]).float().T @ rows.float()
+                        sums[name] = outer if name not in sums else sums[name] + outer
+                captured.clear()
     finally:
-        for name, p in params.items():
-            p.requires_grad_(saved_flags[name])
-            p.grad = saved_grads[name]
-    return {name: total / len(data) for name, total in sums.items()}
+        for handle in handles:
+            handle.remove()
+    result = {}
+    for name in layer_names:
+        module = model.get_submodule(name)
+        out_features, in_features = _matrix_shape(module)
+        total = sums.get(name)
+        if total is None:
+            total = torch.zeros(out_features, in_features, dtype=torch.float32, device=model_device(model))
+        result[name] = total / len(data)
+    return result
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    from rankwise.layers import features
+
+    base = getattr(module, "base", module)  # a module holding adapters: its base layer
+    return features(base)
 
 
 def collect_statistics(
-    model: nn.Module, layer_names: list[str], data: list[Any], kinds: Iterable[str]
+    model: nn.Module,
+    layer_names: list[str],
+    data: list[Any],
+    kinds: Iterable[str],
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, LayerStatistics]:
     """One :class:`LayerStatistics` per layer holding the requested ``kinds``."""
     kinds = tuple(kinds)
@@ -187,7 +258,7 @@ def collect_statistics(
         raise ValueError(f"unknown statistic kinds {unknown}; known: {', '.join(STATISTIC_KINDS)}")
     stats = {name: LayerStatistics() for name in layer_names}
     if "input_covariance" in kinds:
-        reducers = collect_layer_inputs(model, layer_names, data, lambda m: CovarianceAccumulator(m.in_features))
+        reducers = collect_layer_inputs(model, layer_names, data, lambda m: CovarianceAccumulator(_matrix_shape(m)[1]))
         for name, reducer in reducers.items():
             stats[name].input_covariance = reducer
     if "input_batches" in kinds:
@@ -195,6 +266,6 @@ def collect_statistics(
         for name, reducer in reducers.items():
             stats[name].input_batches = reducer.batches
     if "weight_gradient" in kinds:
-        for name, grad in collect_weight_gradients(model, layer_names, data).items():
+        for name, grad in collect_weight_gradients(model, layer_names, data, loss_fn).items():
             stats[name].weight_gradient = grad
     return stats

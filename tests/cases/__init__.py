@@ -19,7 +19,9 @@ class AdapterCase:
 
     needs_data: the method takes ``data=`` batches; identity_at_init: the adapted model's output
     equals the base model's before training; trainable_per_layer(n_in, n_out, r): the paper's
-    trainable-parameter count for one adapted ``n_out x n_in`` layer at rank r.
+    trainable-parameter count for one adapted ``n_out x n_in`` layer at rank r; quantizes_base: the
+    method replaces the base by its quantization (LoftQ), so the original weight is not kept and
+    merges are lossy.
     """
 
     id: str
@@ -28,6 +30,7 @@ class AdapterCase:
     needs_data: bool = False
     identity_at_init: bool = True
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
+    quantizes_base: bool = False
 
 
 def collect(prefix: str) -> list[Any]:

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.hooks import check_total_steps, refuse_merged
 from rankwise.adapters.svd_triplet_family import SMOOTHING, SvdTripletLayer, update_smoothed_importance
 from rankwise.errors import RankwiseError
@@ -77,7 +77,7 @@ def budget_schedule(step: int, total_steps: int, initial: int, target: int, tini
     family="dynamic_rank",
     paper="AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
     arxiv="2303.10512",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class AdaLoraLayer(SvdTripletLayer):
     """SVD-form update whose triplets are pruned to a global budget by smoothed importance."""
@@ -94,7 +94,7 @@ class AdaLoraLayer(SvdTripletLayer):
         "beta2": SMOOTHING,
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         if self.options["target_r"] is None:
             # The paper sets the initial budget to 1.5x the final one.
@@ -104,10 +104,10 @@ class AdaLoraLayer(SvdTripletLayer):
                 f"target_r {self.options['target_r']} is above the rank {self.rank} (the initial budget); lower it"
             )
         self.scaling = self.alpha / self.rank
-        self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool, device=self.base.weight.device))
+        self.register_buffer("rank_mask", torch.ones(self.rank, dtype=torch.bool, device=self.factory["device"]))
         for name in ("P", "lambda", "Q"):
             shape = getattr(self, f"lora_{name}").shape
-            fp32 = {"device": self.base.weight.device, "dtype": torch.float32}
+            fp32 = {"device": self.factory["device"], "dtype": torch.float32}
             self.register_buffer(f"importance_avg_{name}", torch.zeros(shape, **fp32), persistent=False)
             self.register_buffer(f"importance_unc_{name}", torch.zeros(shape, **fp32), persistent=False)
         self.final_mask_fixed = False

@@ -1,4 +1,5 @@
-"""The adapter layer contract: one nn.Linear wrapped with a low-rank (or otherwise cheap) update.
+"""The adapter layer contract: one layer (Linear, GPT-2 Conv1D, bitsandbytes 4-bit / 8-bit Linear,
+Embedding, Conv2d -- :data:`LAYER_TYPES`) wrapped with a low-rank (or otherwise cheap) update.
 
 How to add an adapter method
 ============================
@@ -17,10 +18,19 @@ One file, one registration, one test row; nothing else changes.
    Register it with ONE decorator::
 
        @ADAPTERS.register("<method>", family="<family>", paper="<title>", arxiv="<id>",
-                          supports=("linear",))
+                          supports=LINEAR_LIKE)
 
    (``needs_data`` is derived from the class's ``statistics``; passing a value that disagrees
-   is a declaration error.)
+   is a declaration error.) ``supports`` lists the layer kinds the method takes (names of
+   :data:`LAYER_TYPES`; ``LINEAR_LIKE`` = linear, conv1d, linear4bit, linear8bit;
+   ``FULL_PRECISION`` = linear, conv1d for methods that rewrite the base weight); ``adapt``
+   refuses any other kind before it touches the model, and ``--help-method`` shows it. Write
+   the method once, for the ``out x in`` matrix: read the weight with :meth:`AdapterLayer.base_weight`
+   (dequantized, untransposed, fp32), allocate with ``self.factory`` (the base's compute dtype),
+   and apply ``k x in`` / ``out x k`` factors with :meth:`AdapterLayer.project_in` /
+   :meth:`AdapterLayer.project_out` where the method should also take embeddings and
+   convolutions; never touch ``self.base.weight`` (Conv1D stores it transposed, bitsandbytes
+   as codes).
 2. Hooks to implement (the base class does the rest: forward, dropout, merge/unmerge in
    fp32, freezing, config, save/load, rollback):
 
@@ -35,10 +45,10 @@ One file, one registration, one test row; nothing else changes.
    ``__init__(self, base, rank, alpha, **options)``
        Call ``super().__init__(base, rank, alpha, **options)`` first (checks rank against
        ``max_rank``, alpha and every option; sets ``self.rank``, ``self.alpha``,
-       ``self.options``, ``self.in_features``, ``self.out_features``, ``self.name``,
-       ``self.dropout``), then check what one Option cannot express (constraints between
-       options, e.g. ``target_r <= rank``; raise ``self.error(...)``) and ALLOCATE tensors
-       with ``self.factory`` (device/dtype of the base weight), e.g. ``torch.empty(r, n,
+       ``self.options``, ``self.in_features``, ``self.out_features`` of the matrix view,
+       ``self.kind``, ``self.name``, ``self.dropout``), then check what one Option cannot
+       express (constraints between options, e.g. ``target_r <= rank``; raise ``self.error(...)``) and ALLOCATE tensors
+       with ``self.factory`` (device and compute dtype of the base), e.g. ``torch.empty(r, n,
        **self.factory)``. Do no expensive or random init here: ``load_adapter`` builds
        layers through ``__init__`` only and then copies the saved tensors in.
        Trainable tensors are ``nn.Parameter``; frozen ones (random projections, initial
@@ -81,7 +91,9 @@ One file, one registration, one test row; nothing else changes.
    ``lora_parameters()`` (trainable ``A``, ``B``, scaling of a LoRA-shaped update, for LoRA+,
    LoRA-Pro and PEFT export), ``lora_factors()`` / ``base_offset_factors()`` (exact factors
    of the update / the base offset, for an exact PEFT export). ``self.error(msg)`` builds a
-   RankwiseError naming the method and layer. Stacking adapters is refused by ``adapt``.
+   RankwiseError naming the method and layer. A layer knows nothing of other adapters: the
+   framework's :class:`AdapterSet` holds several named ones on one module, each contributing
+   :meth:`AdapterLayer.contribution` (override it, not ``forward``, for a training-time term).
 3. Tests: add ONE row to ``CASES`` in the family's ``tests/cases/adapters_<family>.py``:
    ``AdapterCase("<id>", "<method>", {options}, needs_data, identity_at_init,
    lambda n_in, n_out, r: <trainable parameters of one layer>)``. The common suite fails for
@@ -91,9 +103,12 @@ One file, one registration, one test row; nothing else changes.
    gradients on exactly the adapter parameters, the parameter count, a lower loss after 5
    Adam steps with frozen tensors unchanged, merge / unmerge / unload equality,
    ``original_weight()``, a save/load roundtrip onto a fresh base and (with PEFT installed)
-   an export that PEFT loads onto the original base. Put method-specific checks (paper
-   formulas on constructed inputs, the authors' code or PEFT as an oracle) in
-   ``tests/test_adapters_<family or method>.py``.
+   an export that PEFT loads onto the original base. The same row also runs on a tiny GPT-2
+   and (the first row of each method) on all-MiniLM-L6-v2 (tests/test_adapters_models.py), and
+   on an NF4 base (tests/test_adapters_quantized.py: identity at init, adapter-only gradients,
+   save/load, lossy merge refused -- or the refusal of a method that does not support
+   ``linear4bit``). Put method-specific checks (paper formulas on constructed inputs, the
+   authors' code or PEFT as an oracle) in ``tests/test_adapters_<family or method>.py``.
 """
 
 from __future__ import annotations
@@ -103,13 +118,29 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rankwise.errors import RankwiseError
+from rankwise.layers import ADAPTABLE_KINDS, QUANTIZED_KINDS, dense_weight, features, layer_kind, write_dense_weight
+from rankwise.layers import compute_dtype as layer_compute_dtype
 from rankwise.options import Option, declared_options, resolve
 from rankwise.registry import Registry
 
-#: Layer types an adapter can wrap, by the name registrations list in ``supports``.
-LAYER_TYPES: dict[str, type[nn.Module]] = {"linear": nn.Linear}
+#: Layer kinds an adapter can wrap (:func:`rankwise.layers.layer_kind`), by the names registrations
+#: list in ``supports``, and what each one is.
+LAYER_TYPES: dict[str, str] = {
+    "linear": "torch.nn.Linear",
+    "conv1d": "transformers Conv1D (GPT-2; weight stored in x out)",
+    "linear4bit": "bitsandbytes Linear4bit (NF4 / FP4, QLoRA)",
+    "linear8bit": "bitsandbytes Linear8bitLt (LLM.int8())",
+    "embedding": "torch.nn.Embedding",
+    "conv2d": "torch.nn.Conv2d (groups=1)",
+}
+assert set(LAYER_TYPES) == set(ADAPTABLE_KINDS)
+#: what the registrations of most methods list: every Linear-like kind
+LINEAR_LIKE = ("linear", "conv1d", "linear4bit", "linear8bit")
+#: methods that rewrite the base weight need it in full precision
+FULL_PRECISION = ("linear", "conv1d")
 
 RANK = Option(8, int, low=1, help="rank r of the update (at most the method's max_rank of each layer)")
 ALPHA = Option(
@@ -171,9 +202,42 @@ class LoraParameters:
     rslora: bool = False
 
 
+def check_adapter_name(name: Any) -> str:
+    """A usable adapter name: a non-empty string without dots (it is a module key)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise RankwiseError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    return name
+
+
+def supported_kind_check(method: str, supports: frozenset[str], name: str, module: nn.Module) -> None:
+    """Refuse a layer whose kind the method's registration does not list, naming the methods that take it."""
+    kind = layer_kind(module)
+    if kind in supports:
+        return
+    what = LAYER_TYPES.get(kind, "a module no adapter can wrap") if kind else "a module no adapter can wrap"
+    takers = [entry.name for entry in ADAPTERS.entries() if kind in entry.supports]
+    hint = ""
+    if kind in QUANTIZED_KINDS and set(FULL_PRECISION) <= supports:
+        hint = (f"; {method} rewrites the base weight from its full-precision value: adapt the full-precision "
+                "model, then call rankwise.quantize(model, 'nf4') -- it quantizes the residual (QPiSSA) -- or "
+                "use loftq, which quantizes the base itself")
+    raise RankwiseError(
+        f"{method} cannot adapt layer {name!r}: it is a {type(module).__name__} ({what}); {method} supports "
+        f"{', '.join(sorted(supports)) or 'nothing'}; methods that take {kind or type(module).__name__}: "
+        f"{', '.join(takers) or 'none'}{hint}. Exclude the layer from targets or choose one of those methods"
+    )
+
+
 class AdapterLayer(nn.Module):
     """``y = base(x) + adapter_forward(dropout(x))``; after :meth:`merge`, ``y = base'(x)``
     with ``W' = W + delta_weight()``.
+
+    ``base`` is any adaptable layer (:data:`LAYER_TYPES`), always read through
+    :mod:`rankwise.layers` as an ``out x in`` matrix (:meth:`base_weight`); the adapter's tensors
+    live in the base's compute dtype (bitsandbytes bases stay quantized). Several named adapters
+    on one module are an :class:`AdapterSet`; each layer contributes :meth:`contribution` to the
+    base output: its update when active, the part it moved out of the base when inactive (so a
+    disabled or switched-off adapter leaves the base model's output), nothing once merged.
 
     Subclasses implement ``__init__`` (cross-option checks + allocate), :meth:`initialize`,
     :meth:`delta_weight` and optionally :meth:`adapter_forward`; see the module docstring.
@@ -182,6 +246,8 @@ class AdapterLayer(nn.Module):
     OPTIONS: ClassVar[dict[str, Option]] = {"dropout": DROPOUT}
     statistics: ClassVar[tuple[str, ...]] = ()
     rewrites_base: ClassVar[bool] = False
+    #: True for inits that swap the base layer for another one in ``apply_base_rewrite`` (LoftQ: its quantization)
+    replaces_base: ClassVar[bool] = False
     #: the ``rankwise.optim`` name of the optimizer the method's paper trains it with (LoRA-Pro);
     #: None: any optimizer (the bench then uses AdamW)
     training_optimizer: ClassVar[str | None] = None
@@ -190,7 +256,7 @@ class AdapterLayer(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int,
         alpha: float | None,
         *,
@@ -202,19 +268,32 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.name = name or "<layer>"
         self.method = method or type(self).__name__
-        if not isinstance(base, nn.Linear):
-            raise self.error(f"can only wrap nn.Linear, got {type(base).__name__}")
+        self.kind = layer_kind(base)
+        if self.kind not in ADAPTABLE_KINDS:
+            raise self.error(f"cannot wrap a {type(base).__name__}; adaptable layers: {', '.join(LAYER_TYPES.values())}")
+        if self.kind == "conv2d" and base.groups != 1:
+            raise self.error(f"cannot wrap a grouped convolution (groups={base.groups}); exclude it from targets")
         self.base = base
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.out_features, self.in_features = features(base)
+        self.adapter_name = "default"
+        self.enabled = True
+        #: the other adapters on the same module (set by AdapterSet; a tuple, not submodules)
+        self.siblings: tuple[AdapterLayer, ...] = ()
         self.check_rank(self.name, self.in_features, self.out_features, rank)
         self.rank = int(rank)
         alpha = ALPHA.check("alpha", alpha, self.owner)
         self.alpha = float(self.rank if alpha is None else alpha)
         self.options = self.resolve_options(options, owner=self.owner)
         self.shared = shared or {}
+        if self.rewrites_base and self.kind in QUANTIZED_KINDS:
+            raise self.error(
+                f"{self.method} with these options rewrites the base weight, which needs it in full precision "
+                f"(the base is {type(base).__name__}); adapt the full-precision model, then rankwise.quantize(model, "
+                "'nf4') quantizes the residual (QPiSSA)"
+            )
         dropout = self.options["dropout"]
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # indices have nothing to drop (PEFT's embedding LoRA also ignores lora_dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and self.kind != "embedding" else nn.Identity()
         self.merged = False
 
     # ----- class-level contract ------------------------------------------------------------
@@ -243,21 +322,24 @@ class AdapterLayer(nn.Module):
             )
 
     @classmethod
-    def collect_statistics(cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any]) -> dict:
-        """Per-layer statistics for a data-driven init (default: the kinds in ``statistics``)."""
+    def collect_statistics(
+        cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any], *, loss_fn: Any = None
+    ) -> dict:
+        """Per-layer statistics for a data-driven init (default: the kinds in ``statistics``;
+        ``loss_fn(model, batch)`` is the loss of gradient statistics for models without one)."""
         from rankwise.calibration import collect_statistics
 
-        return collect_statistics(model, names, data, cls.statistics)
+        return collect_statistics(model, names, data, cls.statistics, loss_fn=loss_fn)
 
     @classmethod
     def allocate_ranks(
-        cls, rank: int, bases: dict[str, nn.Linear], stats: dict, options: dict[str, Any]
+        cls, rank: int, bases: dict[str, nn.Module], stats: dict, options: dict[str, Any]
     ) -> dict[str, int]:
         """Rank of each layer; default the same ``rank`` everywhere."""
         return {name: rank for name in bases}
 
     @classmethod
-    def make_shared(cls, bases: dict[str, nn.Linear], rank: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def make_shared(cls, bases: dict[str, nn.Module], rank: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Tensors shared by all layers of one ``adapt`` call (default none)."""
         return {}
 
@@ -279,8 +361,44 @@ class AdapterLayer(nn.Module):
 
     @property
     def factory(self) -> dict[str, Any]:
-        """``device`` / ``dtype`` keywords matching the base weight, for allocations."""
-        return {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+        """``device`` and the base's compute dtype (its weight's dtype for dense layers), for allocations."""
+        return {"device": self.base.weight.device, "dtype": layer_compute_dtype(self.base)}
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in QUANTIZED_KINDS
+
+    def base_weight(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The base model's ``out x in`` weight as this adapter sees it (fp32 by default): the stored
+        (dequantised, untransposed) matrix plus what other adapters on the module moved out of it."""
+        weight = dense_weight(self.base, dtype)
+        for sibling in self.siblings:
+            if sibling.rewrites_base:
+                weight = weight + sibling.base_offset().to(weight)
+            if sibling.merged:
+                weight = weight - sibling.delta_weight().to(weight)
+        return weight
+
+    # ----- the base seen as a matrix: x -> x M^T on any layer kind -----------------------------
+
+    def project_in(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """``x M^T`` for a ``k x in`` matrix ``M`` (a gather of ``M``'s columns for an embedding's
+        indices; a ``k``-channel convolution with ``M`` reshaped to kernels for Conv2d)."""
+        if self.kind == "embedding":
+            base = self.base
+            return F.embedding(x, matrix.T, base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)
+        if self.kind == "conv2d":
+            base = self.base
+            kernels = matrix.reshape(matrix.shape[0], *base.weight.shape[1:])
+            return F.conv2d(x.to(matrix.dtype), kernels, None, base.stride, base.padding, base.dilation)
+        return x.to(matrix.dtype) @ matrix.T
+
+    def project_out(self, hidden: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """``h M^T`` on the feature dimension for an ``out x k`` matrix (a 1 x 1 convolution for Conv2d)."""
+        if self.kind == "conv2d":
+            return F.conv2d(hidden, matrix[:, :, None, None])
+        return hidden @ matrix.T
 
     def initialize(self, stats: Any = None) -> None:
         raise NotImplementedError
@@ -289,7 +407,7 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.delta_weight().T
+        return self.project_in(x, self.delta_weight())
 
     def base_offset(self) -> torch.Tensor:
         """What a ``rewrites_base`` method moved out of the original weight (``out x in``)."""
@@ -321,26 +439,56 @@ class AdapterLayer(nn.Module):
 
     # ----- provided behaviour --------------------------------------------------------------
 
+    def contribution(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What this adapter adds to the base output: its update when active and unmerged, the
+        part it moved out of the base when inactive (``rewrites_base``), else nothing."""
+        if self.merged:
+            return None
+        if self.enabled:
+            return self.adapter_forward(self.dropout(x))
+        if self.rewrites_base:
+            return self.offset_forward(x)
+        return None
+
+    def offset_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x base_offset()^T`` (two thin products when the offset is factored)."""
+        factors = self.base_offset_factors()
+        if factors is None:
+            return self.project_in(x, self.base_offset().to(self.factory["dtype"]))
+        up, down = (t.to(self.factory["dtype"]) for t in factors)
+        return self.project_out(self.project_in(x, down), up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged:
-            return out
-        return out + self.adapter_forward(self.dropout(x)).to(out.dtype)
+        extra = self.contribution(x)
+        return out if extra is None else out + extra.to(out.dtype)
 
     def _add_to_base(self, update: torch.Tensor, sign: float) -> None:
-        weight = self.base.weight
+        """``W <- W + sign * update`` in fp32, written back through :func:`rankwise.layers.write_dense_weight`."""
         with torch.no_grad():
-            weight.copy_((weight.float() + sign * update.float()).to(weight.dtype))
+            write_dense_weight(self.base, dense_weight(self.base, torch.float32) + sign * update.float())
 
-    def merge(self) -> None:
-        """``W <- W + delta_weight()`` (fp32 arithmetic, written back in the weight's dtype)."""
+    def refuse_lossy(self, action: str, allow_lossy: bool) -> None:
+        """Writing into a quantized base rounds the result to its codes: only with ``allow_lossy=True``."""
+        if self.quantized and not allow_lossy:
+            raise self.error(
+                f"cannot {action} into the quantized base ({type(self.base).__name__}) exactly: it dequantizes, "
+                "adds the update and quantizes again, which rounds the merged weight to the nearest codes "
+                "(docs/real-models.md gives the size of that error); pass allow_lossy=True to accept it, or "
+                "keep the adapter unmerged"
+            )
+
+    def merge(self, *, allow_lossy: bool = False) -> None:
+        """``W <- W + delta_weight()`` (fp32 arithmetic, written back in the weight's dtype or requantized)."""
         if not self.merged:
+            self.refuse_lossy("merge", allow_lossy)
             with torch.no_grad():
                 self._add_to_base(self.delta_weight(), +1.0)
             self.merged = True
 
-    def unmerge(self) -> None:
+    def unmerge(self, *, allow_lossy: bool = False) -> None:
         if self.merged:
+            self.refuse_lossy("unmerge", allow_lossy)
             with torch.no_grad():
                 self._add_to_base(self.delta_weight(), -1.0)
             self.merged = False
@@ -351,10 +499,16 @@ class AdapterLayer(nn.Module):
             with torch.no_grad():
                 self._add_to_base(self.base_offset(), -1.0)
 
+    def undo_base_rewrite(self) -> None:
+        """``W <- W + base_offset()``: the inverse of :meth:`apply_base_rewrite` (no-op otherwise)."""
+        if self.rewrites_base:
+            with torch.no_grad():
+                self._add_to_base(self.base_offset(), +1.0)
+
     def original_weight(self) -> torch.Tensor:
         """The base weight before ``adapt`` (fp32): ``W + base_offset()``, minus the delta if merged."""
         with torch.no_grad():
-            weight = self.base.weight.float()
+            weight = self.base_weight()
             if self.rewrites_base:
                 weight = weight + self.base_offset().float()
             if self.merged:
@@ -374,4 +528,56 @@ class AdapterLayer(nn.Module):
         return {"method": self.method, "rank": self.rank, "alpha": self.alpha, "options": dict(self.options)}
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (f"method={self.method}, adapter={self.adapter_name!r}, rank={self.rank}, alpha={self.alpha}, "
+                f"enabled={self.enabled}, merged={self.merged}")
+
+
+class AdapterSet(nn.Module):
+    """Several named adapters on one module: ``y = base(x) + sum_a contribution_a(x)``.
+
+    ``adapters`` maps adapter names to their :class:`AdapterLayer`; the base is registered here
+    once (the layers hold it as a plain attribute, so the state dict names it once).
+    """
+
+    def __init__(self, base: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        for name, layer in layers.items():
+            self.add(name, layer)
+
+    def add(self, name: str, layer: AdapterLayer) -> None:
+        if "base" in layer._modules:
+            del layer._modules["base"]
+            object.__setattr__(layer, "base", self.base)
+        self.adapters[name] = layer
+        self._link()
+
+    def remove(self, name: str) -> AdapterLayer:
+        layer = self.adapters[name]
+        del self.adapters[name]
+        layer.siblings = ()
+        self._link()
+        return layer
+
+    def _link(self) -> None:
+        layers = list(self.adapters.values())
+        for layer in layers:
+            layer.siblings = tuple(other for other in layers if other is not layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        for layer in self.adapters.values():
+            extra = layer.contribution(x)
+            if extra is not None:
+                out = out + extra.to(out.dtype)
+        return out
+
+
+def standalone(layer: AdapterLayer) -> AdapterLayer:
+    """``layer`` taken out of an :class:`AdapterSet`, its base registered on it again."""
+    base = layer.__dict__.pop("base", None)
+    if base is not None:
+        layer.base = base
+    layer.siblings = ()
+    return layer

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.calibration import LayerStatistics
 from rankwise.common_options import NITER
@@ -92,7 +92,7 @@ def context_decomposition(
     family="data_init",
     paper="CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for Task-Aware Parameter-Efficient Fine-tuning",
     arxiv="2406.05223",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class CordaLayer(LoraRewriteLayer):
     """CorDA: adapter = r components of ``W = U S (V^T C^{-1})``, top r (``ipm``) or bottom r (``kpm``)."""
@@ -117,7 +117,7 @@ class CordaLayer(LoraRewriteLayer):
         principal = self.options["mode"] == "ipm"
         try:
             u, s, projected = context_decomposition(
-                self.base.weight,
+                self.base_weight(),
                 covariance.second_moment(),
                 float(self.options["damping"]),
                 rank=self.rank if principal else None,

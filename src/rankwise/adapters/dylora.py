@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.api import adapter_layers
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import LoraFactorsLayer
 from rankwise.errors import RankwiseError
 from rankwise.options import Option
@@ -52,7 +52,7 @@ def sample_rank(seed: int, step: int, low: int, high: int) -> int:
     family="dynamic_rank",
     paper="DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation",
     arxiv="2210.07558",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class DyLoraLayer(LoraFactorsLayer):
     """LoRA block whose leading ``b x b`` sub-blocks are trained together (nested ranks)."""
@@ -66,7 +66,7 @@ class DyLoraLayer(LoraFactorsLayer):
         "seed": Option(0, int, low=0, help="seed of the rank sampling, shared by all layers"),
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         for name in ("min_rank", "eval_rank"):
             if (self.options[name] or 1) > self.rank:
@@ -106,10 +106,11 @@ class DyLoraLayer(LoraFactorsLayer):
         up, down = self.truncated_factors(rank)
         return (x.to(down.dtype) @ down.T) @ up.T * (self.alpha / rank)
 
-    def merge(self) -> None:
+    def merge(self, *, allow_lossy: bool = False) -> None:
         if not self.merged:
+            self.refuse_lossy("merge", allow_lossy)
             self.merged_rank = self.current_rank()
-        super().merge()
+        super().merge(allow_lossy=allow_lossy)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` in fp32 at the current rank, scaling folded into ``B``: ``B @ A == delta_weight()``."""

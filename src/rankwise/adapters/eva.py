@@ -13,7 +13,9 @@ activations on the fine-tuning data, and ``B = 0`` (so the output at init equals
    ``k = round(rho * r)`` components. A layer has converged when each of the components it is
    currently allotted has cosine similarity ``>= tau`` with its estimate from the previous
    batch; converged layers are no longer fed, and the pass stops when all have converged or
-   the batches run out.
+   the batches run out. A layer that sees fewer rows in a batch than it has components (BERT's
+   ``pooler.dense`` sees one row per sequence) pools its rows across batches until it has
+   enough for one update; if the whole data set has too few, ``adapt`` refuses.
 2. Rank redistribution by explained variance. The explained-variance ratios of all layers'
    ``k`` components are ranked globally and the top ``budget = r * n_layers`` are kept; layer
    ``l`` gets as many components as it has among them, so ``r_l <= rho * r`` (``rho = 1``:
@@ -44,10 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import StandardLoraLayer
 from rankwise.calibration import LayerStatistics, collect_layer_inputs
 from rankwise.errors import RankwiseError
+from rankwise.layers import features
 from rankwise.linalg.incremental_pca import IncrementalPCA
 from rankwise.options import Option
 
@@ -106,6 +109,8 @@ class _EvaPass:
         similarity: dict[str, torch.Tensor | None] = {name: None for name in self.names}
         ranks = dict(max_components)
         converged = {name: False for name in self.names}
+        pending: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
+        seen = {name: 0 for name in self.names}
         for index, batch in enumerate(self.data):
             active = [name for name in self.names if not converged[name]]
             if not active:
@@ -117,10 +122,13 @@ class _EvaPass:
             except RankwiseError as exc:
                 raise RankwiseError(str(exc).replace("data batch 0", f"data batch {index}", 1)) from exc
             for name in active:
-                block = torch.cat(rows[name].rows) if rows[name].rows else None
+                pending[name].extend(rows[name].rows)
+                seen[name] += sum(block.shape[0] for block in rows[name].rows)
                 pca = pcas[name]
-                if block is None or block.shape[0] < pca.n_components:
-                    continue  # too few tokens for k components (as PEFT): wait for a larger batch
+                if sum(block.shape[0] for block in pending[name]) < pca.n_components:
+                    continue  # too few rows for k components yet (a pooler sees one per sequence): pool on
+                block = torch.cat(pending[name])
+                pending[name] = []
                 previous = pca.components
                 pca.update(block)
                 if previous is not None and previous.shape == pca.components.shape:
@@ -134,10 +142,11 @@ class _EvaPass:
                 converged[name] = sims is not None and bool((sims[: ranks[name]] >= tau).all())
         starved = [name for name, pca in pcas.items() if pca.components is None]
         if starved:
+            first = starved[0]
             raise RankwiseError(
-                f"eva: no data batch had enough tokens for {pcas[starved[0]].n_components} components at layer "
-                f"{starved[0]!r} ({len(starved)} layer(s) affected); pass batches with more (unmasked) tokens "
-                "or lower rank / rho"
+                f"eva: the whole data set gives layer {first!r} only {seen[first]} (unmasked) input rows, fewer than "
+                f"the {pcas[first].n_components} components it needs ({len(starved)} layer(s) affected); pass more "
+                "batches (a pooler sees one row per sequence) or lower rank / rho"
             )
         return pcas, ranks
 
@@ -147,7 +156,7 @@ class _EvaPass:
     family="data_init",
     paper="One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation",
     arxiv="2410.07170",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class EvaLayer(StandardLoraLayer):
     """LoRA with ``A`` = top right singular vectors of the layer's input activations, ``B = 0``."""
@@ -165,17 +174,18 @@ class EvaLayer(StandardLoraLayer):
     statistics = ("input_batches",)  # declares the method data-driven; collection is overridden below
 
     @classmethod
-    def collect_statistics(cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any]) -> dict:
+    def collect_statistics(
+        cls, model: nn.Module, names: list[str], data: list[Any], options: dict[str, Any], *, loss_fn: Any = None
+    ) -> dict:
         run = _EvaPass(model, names, data, options)
         return {name: LayerStatistics(extra={"eva_pass": run}) for name in names}
 
     @classmethod
     def allocate_ranks(
-        cls, rank: int, bases: dict[str, nn.Linear], stats: dict, options: dict[str, Any]
+        cls, rank: int, bases: dict[str, nn.Module], stats: dict, options: dict[str, Any]
     ) -> dict[str, int]:
         max_components = {
-            name: max(1, min(round(options["rho"] * rank), base.in_features, base.out_features))
-            for name, base in bases.items()
+            name: max(1, min(round(options["rho"] * rank), *features(base))) for name, base in bases.items()
         }
         run = next(iter(stats.values())).extra["eva_pass"]
         pcas, ranks = run.run(rank, max_components)

@@ -21,7 +21,7 @@ def collected_gradient(layer: AdapterLayer, stats: LayerStatistics | None) -> to
         raise layer.error("no weight gradient was collected for this layer; pass data with labels")
     if not torch.any(gradient != 0):
         raise layer.error("the loss does not depend on this layer's weight (its gradient is zero); exclude it")
-    return gradient.to(layer.base.weight.device, torch.float32)
+    return gradient.to(layer.factory["device"], torch.float32)
 
 
 def top_triplets(

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.hooks import refuse_merged
 from rankwise.adapters.svd_triplet_family import SMOOTHING, SvdTripletLayer, update_smoothed_importance
 from rankwise.errors import RankwiseError
@@ -67,7 +67,7 @@ RESERVE_VALUE = 1e-5
     family="dynamic_rank",
     paper="IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning",
     arxiv="2308.12043",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class IncreLoraLayer(SvdTripletLayer):
     """SVD-form update whose rank grows, by importance, up to the capacity ``rank``."""
@@ -90,7 +90,7 @@ class IncreLoraLayer(SvdTripletLayer):
         "advance_learning": Option(True, bool, help="train the next components ahead of their activation"),
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         if self.options["target_r"] is None:
             self.options["target_r"] = max(self.options["init_r"], self.rank // 2)
@@ -106,7 +106,7 @@ class IncreLoraLayer(SvdTripletLayer):
                 f"rank {self.rank} (the capacity) leaves no room to grow from init_r={init_r} by "
                 f"incre_rank={incre_rank}; raise rank or lower init_r / incre_rank"
             )
-        device = self.base.weight.device
+        device = self.factory["device"]
         self.register_buffer("active", torch.zeros(self.rank, dtype=torch.bool, device=device))
         self.register_buffer("reserve", torch.zeros(self.rank, dtype=torch.bool, device=device))
         fp32 = {"device": device, "dtype": torch.float32}

@@ -10,7 +10,9 @@ On disk (``dir``):
        "tied": {"<tensor key>": "<key it shares storage with>"}}
 
   ``modules`` is per layer (ranks may differ across layers) and doubles as the base-model
-  fingerprint (module names + weight shapes) checked before anything is loaded.
+  fingerprint (module names + weight shapes, ``out x in`` as :mod:`rankwise.layers` sees them)
+  checked before anything is loaded. ``adapter_name`` records the name it had (informative:
+  ``load_adapter`` takes the name to load it under).
 - ``adapter_model.safetensors``: adapter tensors only, keyed ``<module name>.<tensor name>``
   (e.g. ``model.layers.0.self_attn.q_proj.lora_A``). A tensor shared by several layers is
   stored once; the others are listed in ``tied`` and re-tied on load.
@@ -33,15 +35,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rankwise.adapters.api import (
-    require_adapters,
+    active_adapter,
+    base_of,
     build_layer,
+    existing_layers,
     install_layers,
     refuse_adapted,
+    require_adapters,
     rewrite_bases,
 )
-from rankwise.adapters.base import ADAPTERS, RANK, AdapterLayer
+from rankwise.adapters.base import ADAPTERS, RANK, AdapterLayer, check_adapter_name, supported_kind_check
 from rankwise.errors import RankwiseError
 from rankwise.files import read_json_object
+from rankwise.layers import features, layer_kind
 
 FORMAT = "rankwise-adapter"
 VERSION = 1
@@ -54,9 +60,10 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
             tensor.stride(), tensor.dtype)
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the adapters in ``model``."""
-    layers = require_adapters(model, "save an adapter")
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for adapter ``adapter_name`` of
+    ``model`` (default: the active adapter -- with one adapter, the adapter)."""
+    layers = require_adapters(model, "save an adapter", adapter_name)
     modules = {}
     for name, layer in layers.items():
         modules[name] = {**layer.config(), "base_shape": [layer.out_features, layer.in_features]}
@@ -73,7 +80,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> None:
             first_key[storage] = full_key
             # Cloning breaks any remaining storage overlap, which safetensors refuses.
             tensors[full_key] = tensor.detach().to("cpu").contiguous().clone()
-    config = {"format": FORMAT, "version": VERSION, "modules": modules, "tied": tied}
+    config = {"format": FORMAT, "version": VERSION, "modules": modules, "tied": tied,
+              "adapter_name": adapter_name or active_adapter(model)}
     try:
         text = json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -118,7 +126,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise RankwiseError(f"{weights_path} is not a readable safetensors file ({exc}); re-save the adapter") from None
 
 
-def _check_base(base_model: nn.Module, modules: dict[str, Any]) -> dict[str, nn.Linear]:
+def _check_base(base_model: nn.Module, modules: dict[str, Any]) -> dict[str, nn.Module]:
     bases = {}
     for name, entry in modules.items():
         if entry["method"] not in ADAPTERS:
@@ -130,9 +138,12 @@ def _check_base(base_model: nn.Module, modules: dict[str, Any]) -> dict[str, nn.
             raise RankwiseError(f"the base model has no module {name!r}; load the adapter onto the model it was "
                                 "trained on") from None
         RANK.check("rank", entry["rank"], f"adapter for {name!r} (re-save it)")
-        if not isinstance(module, nn.Linear):
-            raise RankwiseError(f"module {name!r} of the base model is a {type(module).__name__}, not nn.Linear")
-        shape = [module.out_features, module.in_features]
+        module = base_of(module)
+        if layer_kind(module) is None:
+            raise RankwiseError(f"module {name!r} of the base model is a {type(module).__name__}, which no adapter "
+                                "wraps; load the adapter onto the model it was trained on")
+        supported_kind_check(entry["method"], ADAPTERS.entry(entry["method"]).supports, name, module)
+        shape = list(features(module))
         if list(entry["base_shape"]) != shape:
             raise RankwiseError(f"module {name!r} has weight shape {shape} but the adapter was trained on "
                                 f"{entry['base_shape']}; load it onto the matching base model")
@@ -177,7 +188,7 @@ def _copy_tensors(layers: dict[str, AdapterLayer], tensors: dict[str, torch.Tens
                 owner._buffers[attr] = shared_tensor
 
 
-def _shared_tensors(method: str, bases: dict[str, nn.Linear], modules: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _shared_tensors(method: str, bases: dict[str, nn.Module], modules: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Re-create the method's shared tensors (values are then loaded): nominal rank = largest saved rank."""
     names = [name for name, entry in modules.items() if entry["method"] == method]
     entry = modules[names[0]]
@@ -185,24 +196,28 @@ def _shared_tensors(method: str, bases: dict[str, nn.Linear], modules: dict[str,
     return ADAPTERS.get(method).make_shared({name: bases[name] for name in names}, rank, entry["options"])
 
 
-def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
-    """Put the adapter saved in ``directory`` onto ``base_model`` (in place) and return it."""
+def load_adapter(base_model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Put the adapter saved in ``directory`` onto ``base_model`` (in place) as ``adapter_name`` and
+    return it. On a model that already holds adapters, a new name adds it beside them (it becomes
+    the active adapter); a name that exists is refused."""
+    check_adapter_name(adapter_name)
     path = Path(directory)
     config = _read_config(path)
     tensors = _read_tensors(path)
-    refuse_adapted(base_model, "load an adapter")
+    refuse_adapted(base_model, "load an adapter", adapter_name)
     modules, tied = config["modules"], config.get("tied", {})
     bases = _check_base(base_model, modules)
     shared = {method: _shared_tensors(method, bases, modules) for method in {e["method"] for e in modules.values()}}
     layers = {
-        name: build_layer(
-            entry["method"], bases[name], entry["rank"], entry["alpha"], name, entry["options"], shared[entry["method"]]
-        )
+        name: build_layer(entry["method"], bases[name], entry["rank"], entry["alpha"], name, entry["options"],
+                          shared[entry["method"]], adapter_name)
         for name, entry in modules.items()
     }
     _check_keys(layers, tensors, tied)
     # Nothing in base_model has changed so far; from here on only valid data is written.
     _copy_tensors(layers, tensors, tied)
+    for name, layer in layers.items():
+        layer.siblings = existing_layers(base_model, name)
     rewrite_bases(layers.values())
-    install_layers(base_model, layers)
+    install_layers(base_model, layers, adapter_name)
     return base_model

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype
 from rankwise.linalg.decompositions import ldu
 from rankwise.options import Option
@@ -49,7 +49,7 @@ from rankwise.options import Option
     family="svd_init",
     paper="LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for Parameter-Efficient Fine-Tuning",
     arxiv="2410.13618",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class LolduLayer(FactoredRewriteLayer):
     """``W_res x + sigma P L_r diag(z) U_r x``; trainable ``z`` (r) and, by default, ``sigma``."""
@@ -60,7 +60,7 @@ class LolduLayer(FactoredRewriteLayer):
         )
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.diagonal = nn.Parameter(torch.empty(self.rank, **self.factory))
         scaling = torch.empty((), **self.factory)
@@ -75,7 +75,7 @@ class LolduLayer(FactoredRewriteLayer):
 
     def initialize(self, stats: Any = None) -> None:
         try:
-            perm, lower, pivots, upper = ldu(self.base.weight)
+            perm, lower, pivots, upper = ldu(self.base_weight())
         except ValueError as exc:
             raise self.error(f"cannot take the LU decomposition of the weight ({exc})") from None
         leading = pivots[: self.rank]

@@ -23,7 +23,7 @@ layouts of PEFT's ``lora_A.weight`` / ``lora_B.weight``.
 
 from __future__ import annotations
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import StandardLoraLayer
 
 
@@ -32,7 +32,7 @@ from rankwise.adapters.lora_family import StandardLoraLayer
     family="lora",
     paper="LoRA: Low-Rank Adaptation of Large Language Models",
     arxiv="2106.09685",
-    supports=("linear",),
+    supports=LINEAR_LIKE + ("embedding", "conv2d"),
 )
 class LoraLayer(StandardLoraLayer):
     """``base(x) + s * B A dropout(x)`` with ``s = alpha/r`` (or ``alpha/sqrt(r)`` with rsLoRA)."""

@@ -37,7 +37,7 @@ RSLORA = Option(False, bool, help="rsLoRA scaling alpha / sqrt(r) instead of alp
 class LoraFactorsLayer(AdapterLayer):
     """Allocates ``lora_A`` (r x in), ``lora_B`` (out x r) and ``self.scaling`` (:meth:`lora_scaling`)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.scaling = self.lora_scaling()
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **self.factory))
@@ -48,10 +48,15 @@ class LoraFactorsLayer(AdapterLayer):
         return self.alpha / self.rank
 
     def reset_lora_factors(self) -> None:
-        """LoRA's init: ``A`` kaiming-uniform (``a = sqrt 5``), ``B = 0`` (so ``B A = 0``)."""
+        """LoRA's init: ``A`` kaiming-uniform (``a = sqrt 5``), ``B = 0`` (so ``B A = 0``); on an
+        embedding ``A = 0`` and ``B`` standard normal, as the paper's code (loralib) and PEFT."""
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+            if self.kind == "embedding":
+                nn.init.zeros_(self.lora_A)
+                nn.init.normal_(self.lora_B)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
 
 
 class LoraShapedLayer(LoraFactorsLayer):
@@ -64,8 +69,9 @@ class LoraShapedLayer(LoraFactorsLayer):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two thin products (tokens x r) instead of materialising the out x in update.
-        return (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T * self.scaling
+        # Two thin products (tokens x r) instead of materialising the out x in update; on Conv2d
+        # a k x k convolution down to r channels, then a 1 x 1 convolution up (PEFT's layout).
+        return self.project_out(self.project_in(x, self.lora_A), self.lora_B) * self.scaling
 
     def lora_parameters(self) -> LoraParameters:
         return LoraParameters(self.lora_A, self.lora_B, self.scaling)

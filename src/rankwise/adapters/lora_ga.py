@@ -45,7 +45,7 @@ same way).
 
 from __future__ import annotations
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.gradient_family import collected_gradient, top_triplets
 from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.calibration import LayerStatistics
@@ -58,7 +58,7 @@ from rankwise.options import Option
     family="data_init",
     paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
     arxiv="2407.05000",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class LoraGaLayer(LoraRewriteLayer):
     """LoRA-GA: ``A0 = c V_{1:r}^T``, ``B0 = c U_{r+1:2r}`` of the full gradient; base ``W - s B0 A0``."""

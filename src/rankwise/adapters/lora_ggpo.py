@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import StandardLoraLayer
 from rankwise.errors import RankwiseError
 from rankwise.options import Option
@@ -66,7 +66,7 @@ from rankwise.options import Option
     family="training_time",
     paper="LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via Gradient-Guided Perturbation Optimization",
     arxiv="2502.14538",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class LoraGgpoLayer(StandardLoraLayer):
     """LoRA whose training forward adds ``x eps^T``, ``eps`` row-wise Gaussian with variance
@@ -77,12 +77,12 @@ class LoraGgpoLayer(StandardLoraLayer):
         "beta": Option(0.01, float, low=0, help="weight beta of the gradient row norms in the variance"),
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         # ||grad W'_{i,:}||^2 of the last completed step; training state, not saved with the adapter
         self.register_buffer(
             "gradient_row_norms_sq",
-            torch.zeros(self.out_features, device=self.base.weight.device, dtype=torch.float32),
+            torch.zeros(self.out_features, device=self.factory["device"], dtype=torch.float32),
             persistent=False,
         )
         self._weight_gradient: torch.Tensor | None = None
@@ -90,7 +90,7 @@ class LoraGgpoLayer(StandardLoraLayer):
     def perturbation_std(self) -> torch.Tensor:
         """Per-row standard deviation ``sqrt(sigma^2/n (||W'_i||^2 + beta ||grad W'_i||^2))`` (fp32, ``out``)."""
         with torch.no_grad():
-            merged = self.base.weight.float() + self.delta_weight().float()
+            merged = self.base_weight() + self.delta_weight().float()
             variance = merged.square().sum(dim=1) + self.options["beta"] * self.gradient_row_norms_sq
             return (self.options["sigma"] ** 2 / self.in_features * variance).sqrt()
 
@@ -98,17 +98,17 @@ class LoraGgpoLayer(StandardLoraLayer):
         gradient = gradient.detach().float()
         self._weight_gradient = gradient if self._weight_gradient is None else self._weight_gradient + gradient
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if not self.training or self.merged:
+    def contribution(self, x: torch.Tensor) -> torch.Tensor | None:
+        out = super().contribution(x)
+        if not self.training or self.merged or not self.enabled:
             return out
-        noise = torch.randn(self.out_features, self.in_features, device=out.device, dtype=torch.float32)
-        perturbation = (noise * self.perturbation_std()[:, None]).to(x.dtype)
+        noise = torch.randn(self.out_features, self.in_features, device=x.device, dtype=torch.float32)
+        perturbation = (noise * self.perturbation_std()[:, None]).to(out.dtype)
         if torch.is_grad_enabled():
             # the gradient reaching this additive weight is dL/dW' (see the module docstring)
             perturbation.requires_grad_(True)
             perturbation.register_hook(self._accumulate_weight_gradient)
-        return out + F.linear(x, perturbation).to(out.dtype)
+        return out + F.linear(x.to(out.dtype), perturbation)
 
     @classmethod
     def after_step(

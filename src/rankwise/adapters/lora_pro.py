@@ -19,7 +19,7 @@ exports are LoRA's (:class:`~rankwise.adapters.lora_family.StandardLoraLayer`).
 
 from __future__ import annotations
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import StandardLoraLayer
 
 
@@ -28,7 +28,7 @@ from rankwise.adapters.lora_family import StandardLoraLayer
     family="training_time",
     paper="LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
     arxiv="2407.18242",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class LoraProLayer(StandardLoraLayer):
     """LoRA (same tensors, init and forward) whose intended optimizer is ``lora_pro``."""

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS, AdapterLayer
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE, AdapterLayer
 from rankwise.adapters.gradient_family import collected_gradient, top_triplets
 from rankwise.calibration import LayerStatistics
 from rankwise.common_options import NITER
@@ -54,7 +54,7 @@ from rankwise.options import Option
     family="data_init",
     paper="Initialization using Update Approximation is a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning",
     arxiv="2411.19557",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class LoraSbLayer(AdapterLayer):
     """``base(x) + s B R A x`` with frozen ``B, A`` from the SVD of the approximated first update."""
@@ -76,7 +76,7 @@ class LoraSbLayer(AdapterLayer):
     }
     statistics = ("weight_gradient",)
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.scaling = self.alpha / self.rank
         self.register_buffer("lora_A", torch.empty(self.rank, self.in_features, **self.factory))

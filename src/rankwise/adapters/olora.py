@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.linalg.decompositions import signed_qr
 
@@ -40,14 +40,14 @@ from rankwise.linalg.decompositions import signed_qr
     family="svd_init",
     paper="OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models",
     arxiv="2406.01775",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class OloraLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B, A`` the first r columns / rows of ``Q, R`` of ``W = QR``."""
 
     def initialize(self, stats: Any = None) -> None:
         try:
-            q, r = signed_qr(self.base.weight)
+            q, r = signed_qr(self.base_weight())
         except ValueError as exc:
             raise self.error(f"cannot take the QR decomposition of the weight ({exc})") from None
         self.start_from(q[:, : self.rank], r[: self.rank])

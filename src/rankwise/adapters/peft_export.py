@@ -35,7 +35,7 @@ from torch import nn
 
 from rankwise.adapters.api import require_adapters
 from rankwise.adapters.base import AdapterLayer
-from rankwise.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, factor_key, pattern_key
+from rankwise.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, factor_key, pattern_key, peft_layout
 from rankwise.errors import RankwiseError
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import svd
@@ -114,7 +114,12 @@ def _most_common(values: list[Any]) -> Any:
 
 
 def export_peft(
-    model: nn.Module, directory: str | Path, *, rank: int | None = None, require_exact: bool = False
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    rank: int | None = None,
+    require_exact: bool = False,
+    adapter_name: str | None = None,
 ) -> dict[str, Any]:
     """Write the adapters of ``model`` as a PEFT LoRA adapter against the ORIGINAL base weights.
 
@@ -122,12 +127,14 @@ def export_peft(
     computes (exactly for factored updates). ``rank``: the rank of the truncated-SVD export
     of updates that are not exactly factored (default: each layer's own rank); factored
     updates keep their own rank. ``require_exact=True`` raises (writing nothing) when some
-    update would only be approximated. ``model`` is not modified (merged or not).
+    update would only be approximated. ``model`` is not modified (merged or not). ``adapter_name``:
+    which adapter (default the active one). GPT-2 ``Conv1D`` layers set ``fan_in_fan_out``;
+    embeddings are written as ``lora_embedding_A`` / ``_B`` and Conv2d factors as PEFT's kernels.
 
     Returns ``{"path", "exact", "max_relative_error", "modules": {name: {"rank", "alpha",
     "exact", "relative_error", "source"}}}`` with ``source`` one of ``"lora"``, ``"factors"``, ``"svd"``.
     """
-    layers = require_adapters(model, "export a PEFT adapter")
+    layers = require_adapters(model, "export a PEFT adapter", adapter_name)
     EXPORT_RANK.check("rank", rank, "export_peft")
     path = Path(directory)
     if path.exists() and not path.is_dir():
@@ -135,7 +142,7 @@ def export_peft(
 
     entries: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
-        dtype = layer.base.weight.dtype
+        dtype = layer.factory["dtype"]
         # The reference update is the fp32 product of exact factors when there are any, so the
         # reported error of an exact export is only the cost of writing it in the weight's dtype.
         native = None if layer.rewrites_base else layer.lora_parameters()
@@ -199,7 +206,7 @@ def export_peft(
         "alpha_pattern": alpha_pattern,
         "use_rslora": use_rslora,
         "lora_dropout": dropouts.pop() if len(dropouts) == 1 else 0.0,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layers[name].kind == "conv1d" for name in entries),
         "bias": "none",
         "init_lora_weights": True,
         "layers_to_transform": None,
@@ -212,8 +219,10 @@ def export_peft(
     }
     tensors = {}
     for name, entry in entries.items():
-        tensors[factor_key(name, "A")] = entry["down"].to("cpu").clone()
-        tensors[factor_key(name, "B")] = entry["up"].to("cpu").clone()
+        layer = layers[name]
+        for factor, tensor in (("A", entry["down"]), ("B", entry["up"])):
+            stored = peft_layout(tensor, factor, layer.base).to("cpu").contiguous().clone()
+            tensors[factor_key(name, factor, layer.kind)] = stored
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from rankwise.adapters.api import build_layer, install_layers, refuse_adapted
+from rankwise.adapters.base import check_adapter_name
 from rankwise.adapters.peft_validation import plan_import, read_peft_config
 
 
-def import_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
+def import_peft(base_model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
     """Load the PEFT LoRA adapter saved in ``directory`` onto ``base_model`` (in place) and return it.
 
     Each adapted module becomes a rankwise ``lora`` layer with PEFT's per-module ``r`` and
@@ -25,9 +26,10 @@ def import_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
     what ``peft.PeftModel.from_pretrained(base_model, directory)`` computes. Every check runs
     before ``base_model`` is modified.
     """
+    check_adapter_name(adapter_name)
     path = Path(directory)
     config = read_peft_config(path)
-    refuse_adapted(base_model, "import a PEFT adapter")
+    refuse_adapted(base_model, "import a PEFT adapter", adapter_name)
     plan = plan_import(base_model, path, config)
     options = {"rslora": config.get("use_rslora", False), "dropout": config.get("lora_dropout", 0.0)}
     layers = {
@@ -39,5 +41,5 @@ def import_peft(base_model: nn.Module, directory: str | Path) -> nn.Module:
         for name, layer in layers.items():
             layer.lora_A.copy_(plan[name].lora_A.to(**layer.factory))
             layer.lora_B.copy_(plan[name].lora_B.to(**layer.factory))
-    install_layers(base_model, layers)
+    install_layers(base_model, layers, adapter_name)
     return base_model

@@ -4,8 +4,10 @@ touches the model.
 The config may only use what a rankwise ``lora`` layer reproduces (LoRA / rsLoRA, optionally
 with ``rank_pattern`` / ``alpha_pattern``; no DoRA, biases, ``modules_to_save``, ...; no init
 that rewrites the base, whose saved factors are relative to a residual weight PEFT recomputes
-on load); the tensors must be ``lora_A`` / ``lora_B`` pairs of existing ``nn.Linear`` modules
-with the shapes the config gives. Only JSON and safetensors are read (``adapter_model.bin`` is
+on load); the tensors must be ``lora_A`` / ``lora_B`` (``lora_embedding_A`` / ``_B``) pairs of
+existing modules a rankwise ``lora`` layer takes (Linear, GPT-2 Conv1D -- ``fan_in_fan_out``
+adapters --, bitsandbytes 4-bit / 8-bit Linear: a QLoRA adapter --, Embedding, Conv2d) with
+the shapes the config gives. Only JSON and safetensors are read (``adapter_model.bin`` is
 pickle and refused). Every failure is a RankwiseError naming the file, field or module.
 """
 
@@ -20,6 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from rankwise.adapters.api import base_of
+from rankwise.adapters.base import ADAPTERS, supported_kind_check
 from rankwise.adapters.peft_format import (
     CONFIG_FILE,
     DEFAULT_ALPHA,
@@ -28,10 +32,12 @@ from rankwise.adapters.peft_format import (
     KEY_PREFIX,
     PICKLE_WEIGHTS_FILE,
     WEIGHTS_FILE,
+    matrix_layout,
     pattern_value,
 )
 from rankwise.errors import RankwiseError
 from rankwise.files import read_json_object
+from rankwise.layers import features
 from rankwise.options import Option
 
 # init_lora_weights values that leave the base weight alone; the others (pissa*, olora,
@@ -82,11 +88,6 @@ def _check_peft_config(config: dict[str, Any], config_path: Path) -> None:
         )
     for field, declared in CONFIG_FIELDS.items():
         declared.check(field, config.get(field, declared.default), str(config_path))
-    if config.get("fan_in_fan_out", False):
-        raise RankwiseError(
-            f"{config_path} sets fan_in_fan_out (weights stored in x out, GPT-2 Conv1D); rankwise adapts nn.Linear "
-            "only -- convert the model to nn.Linear layers and re-save the adapter"
-        )
     if config.get("bias", "none") != "none":
         raise RankwiseError(
             f"{config_path} sets bias={config['bias']!r}: the adapter also trains biases, which a LoRA layer cannot "
@@ -146,9 +147,9 @@ def _factor_pairs(tensors: dict[str, torch.Tensor], weights_path: Path) -> dict[
         pairs.setdefault(key[len(KEY_PREFIX) : -len(suffix)], {})[FACTOR_SUFFIXES[suffix]] = tensor
     if unexpected:
         raise RankwiseError(
-            f"{weights_path} has tensors that are not LoRA factors of Linear layers: {unexpected[:5]}; "
-            f"import_peft reads only '{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
-            "(no embedding LoRA, DoRA magnitudes, biases or modules_to_save)"
+            f"{weights_path} has tensors that are not LoRA factors: {unexpected[:5]}; import_peft reads only "
+            f"'{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' (or '.lora_embedding_A' / '_B') "
+            "(no DoRA magnitudes, biases or modules_to_save)"
         )
     if not pairs:
         raise RankwiseError(f"{weights_path} holds no LoRA tensors; re-save the adapter")
@@ -173,7 +174,7 @@ def _targeted_by_config(targets: Any, name: str) -> bool:
 class ModulePlan:
     """One validated module of a PEFT adapter: where it goes, its ``r`` / ``alpha`` and factors."""
 
-    module: nn.Linear
+    module: nn.Module
     rank: int
     alpha: float
     lora_A: torch.Tensor
@@ -182,7 +183,7 @@ class ModulePlan:
 
 def plan_import(base_model: nn.Module, path: Path, config: dict[str, Any]) -> dict[str, ModulePlan]:
     """Every adapted module of the PEFT adapter in ``path`` checked against ``base_model``: the
-    tensors are LoRA pairs of existing ``nn.Linear`` modules that ``target_modules`` covers, with
+    tensors are LoRA pairs of existing modules a ``lora`` layer takes that ``target_modules`` covers, with
     the shapes the config's (per-module) ``r`` gives. Nothing is modified."""
     config_path = path / CONFIG_FILE
     pairs = _factor_pairs(_read_peft_tensors(path), path / WEIGHTS_FILE)
@@ -197,21 +198,22 @@ def plan_import(base_model: nn.Module, path: Path, config: dict[str, Any]) -> di
                 f"the adapter has weights for {name!r} but the base model has no such module; load it onto the "
                 f"model named in base_model_name_or_path ({config.get('base_model_name_or_path')!r})"
             ) from None
-        if not isinstance(module, nn.Linear):
-            raise RankwiseError(f"module {name!r} of the base model is a {type(module).__name__}; import_peft "
-                                "supports LoRA on nn.Linear only")
+        module = base_of(module)
+        supported_kind_check("lora", ADAPTERS.entry("lora").supports, name, module)
         if not _targeted_by_config(targets, name):
             raise RankwiseError(f"{config_path}: target_modules {targets!r} does not cover {name!r}, which has "
                                 "weights; the config and the weights disagree -- re-save the adapter")
         rank = pattern_value(rank_pattern, name, config.get("r", DEFAULT_RANK))
         alpha = pattern_value(alpha_pattern, name, config.get("lora_alpha", DEFAULT_ALPHA))
-        expected = {"A": (rank, module.in_features), "B": (module.out_features, rank)}
+        out_features, in_features = features(module)
+        expected = {"A": (rank, in_features), "B": (out_features, rank)}
+        factors = {factor: matrix_layout(pair[factor]) for factor in expected}
         for factor, shape in expected.items():
-            if tuple(pair[factor].shape) != shape:
+            if tuple(factors[factor].shape) != shape:
                 raise RankwiseError(
                     f"lora_{factor} of {name!r} has shape {tuple(pair[factor].shape)}, expected {shape} "
-                    f"(r={rank} from the config, layer {module.out_features} x {module.in_features}); the adapter "
+                    f"(r={rank} from the config, layer {out_features} x {in_features}); the adapter "
                     "belongs to another base model or its rank_pattern is wrong"
                 )
-        plan[name] = ModulePlan(module, rank, alpha, pair["A"], pair["B"])
+        plan[name] = ModulePlan(module, rank, alpha, factors["A"], factors["B"])
     return plan

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import LoraRewriteLayer, principal_triplets
 from rankwise.common_options import NITER
 
@@ -45,7 +45,7 @@ from rankwise.common_options import NITER
     family="svd_init",
     paper="PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models",
     arxiv="2404.02948",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class PissaLayer(LoraRewriteLayer):
     """``W_res x + s B A x`` with ``B A`` initialised to the principal rank-r part of ``W``."""

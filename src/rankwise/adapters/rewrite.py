@@ -75,7 +75,7 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` ``U_r, S_r, Vh_r`` of the layer's weight in float32, on its device."""
     try:
-        return truncated_svd(layer.base.weight, layer.rank, niter=layer.options["niter"])
+        return truncated_svd(layer.base_weight(), layer.rank, niter=layer.options["niter"])
     except SVDFailure as exc:
         raise layer.error(f"cannot take the SVD of the weight ({exc}); check the model's weights") from None
 
@@ -88,7 +88,7 @@ class LoraRewriteLayer(LoraShapedLayer):
 
     rewrites_base = True
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.register_buffer("A0", torch.empty(self.rank, self.in_features, **self.factory))
         self.register_buffer("B0", torch.empty(self.out_features, self.rank, **self.factory))

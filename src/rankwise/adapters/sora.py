@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.hooks import refuse_merged
 from rankwise.adapters.lora_family import LoraFactorsLayer
 from rankwise.errors import RankwiseError
@@ -75,14 +75,14 @@ def _gate_learning_rates(optimizer: Any, layers: dict[str, SoraLayer]) -> dict[s
     family="dynamic_rank",
     paper="Sparse Low-rank Adaptation of Pre-trained Language Models",
     arxiv="2311.11696",
-    supports=("linear",),
+    supports=LINEAR_LIKE,
 )
 class SoraLayer(LoraFactorsLayer):
     """``base(x) + s * B (g * (A x))`` with the gate ``g`` sparsified by soft-thresholding."""
 
     OPTIONS = {"sparse_lambda": Option(0.1, float, low=0, help="L1 strength lambda; threshold per step = lr * lambda")}
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.gate = nn.Parameter(torch.empty(self.rank, **self.factory))
 

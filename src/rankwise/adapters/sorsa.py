@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
 from rankwise.common_options import NITER
 from rankwise.options import Option
@@ -49,7 +49,7 @@ from rankwise.options import Option
     family="svd_init",
     paper="SORSA: Singular Values and Orthonormal Regularized Singular Vectors Adaptation of Large Language Models",
     arxiv="2409.00055",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class SorsaLayer(FactoredRewriteLayer):
     """``W_res x + s U_p diag(S_p) V_p^T x`` with all three principal factors trainable."""
@@ -59,7 +59,7 @@ class SorsaLayer(FactoredRewriteLayer):
         "niter": NITER,
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.gamma = self.options["gamma"]
         self.scaling = self.alpha / self.rank

@@ -49,7 +49,7 @@ class SvdTripletLayer(AdapterLayer):
         "orth_reg_weight": Option(0.1, float, low=0, help="weight gamma of the orthogonality regulariser (0 = off)")
     }
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.lora_P = nn.Parameter(torch.empty(self.out_features, self.rank, **self.factory))
         self.lora_lambda = nn.Parameter(torch.empty(self.rank, **self.factory))

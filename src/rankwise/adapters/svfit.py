@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.adapters.base import ADAPTERS
+from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
 from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
 from rankwise.common_options import NITER
 
@@ -43,14 +43,14 @@ from rankwise.common_options import NITER
     family="svd_init",
     paper="SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular Values",
     arxiv="2409.05926",
-    supports=("linear",),
+    supports=FULL_PRECISION,
 )
 class SvfitLayer(FactoredRewriteLayer):
     """``W_e x + s U_r diag(sigma) V_r^T x`` with only the r singular values ``sigma`` trainable."""
 
     OPTIONS = {"niter": NITER}
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **options: Any) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         self.scaling = self.alpha / self.rank
         self.singular_values = nn.Parameter(torch.empty(self.rank, **self.factory))

@@ -113,6 +113,15 @@ def _adapter(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
     return Prepared(optimizer, (AdapterHooks(),))
 
 
+def _quantized_adapter(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """QLoRA: ``rankwise.quantize(model, "nf4")`` (double quantization, compute in the weights' dtype),
+    then the ``adapter`` preparation over the 4-bit base."""
+    from rankwise.quantize import quantize
+
+    quantize(model, "nf4")
+    return _adapter(setup, model, context)
+
+
 def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
     """``rankwise.pretrain`` parametrisation ``method``, then AdamW; the parametrisation is a hook."""
     from rankwise.pretrain import parametrisation
@@ -145,6 +154,7 @@ KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
     "optim": _optim,
     "reference": _reference,
     "adapter": _adapter,
+    "quantized_adapter": _quantized_adapter,
     "parametrize": _parametrize,
     "compress": _compress,
 }

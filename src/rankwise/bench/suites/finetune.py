@@ -15,6 +15,8 @@ WORKLOAD = ("finetune", True)
 SETUPS: list[SetUp] = [
     SetUp("full fine-tuning", "full", lr=3e-4),
     SetUp("lora", "adapter", "lora", lr=3e-3, rank=8),
+    # QLoRA: the same LoRA over an NF4 base (rankwise.quantize), the base held in 4 bits while training
+    SetUp("qlora", "quantized_adapter", "lora", lr=3e-3, rank=8, default=False),
     SetUp("lora+ (ratio 16)", "adapter", "lora", lr=1e-3, rank=8, default=False,
           optimizer_options={"loraplus_lr_ratio": 16}),
     SetUp("lora_pro", "adapter", "lora_pro", lr=3e-3, rank=8, default=False),
