@@ -44,6 +44,7 @@ __all__ = [
     "methods",
     "optim",
     "pretrain",
+    "quantize",
     "save_adapter",
     "save_compressed",
     "trainable_parameters",
