@@ -345,3 +345,49 @@ def test_pruned_layers_are_left_out_and_an_all_zero_update_is_refused(batch, tmp
     with pytest.raises(RankwiseError, match="nothing to export"):
         rankwise.export_peft(model, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+# ----- native PEFT formats (AdapterLayer.peft_native) -------------------------------------------
+
+
+class NativeLoraProbe(LoraLayer):
+    """A test-only LoRA that describes itself in PEFT's own terms, as DoRA / VeRA / LoHa do."""
+
+    def peft_native(self):
+        from rankwise.adapters.base import PeftNative
+
+        return PeftNative(
+            "LORA",
+            {"r": self.rank, "lora_alpha": self.alpha, "use_dora": False},
+            {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B},
+        )
+
+
+def test_native_forms_are_written_in_their_own_format_and_load_in_peft(monkeypatch, batch, tmp_path):
+    from conftest import register_for_test
+    from rankwise.adapters.base import ADAPTERS
+
+    register_for_test(monkeypatch, ADAPTERS, "native-probe", NativeLoraProbe,
+                      supports=frozenset({"linear", "conv1d"}))
+    model = adapt(make_llama(), "native-probe", rank=RANK, alpha=2 * RANK, targets=["q_proj", "v_proj"])
+    perturb(model)
+    expected = logits(model, batch)
+    report = export_peft(model, tmp_path)
+    assert report["peft_type"] == "LORA" and {m["source"] for m in report["modules"].values()} == {"native"}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == RANK and config["lora_alpha"] == 2 * RANK and len(config["target_modules"]) == 4
+    loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
+
+
+def test_a_mix_of_native_and_other_layers_falls_back_to_the_lora_export(monkeypatch, batch, tmp_path):
+    from conftest import register_for_test
+    from rankwise.adapters.base import ADAPTERS
+
+    register_for_test(monkeypatch, ADAPTERS, "native-probe", NativeLoraProbe,
+                      supports=frozenset({"linear", "conv1d"}))
+    model = adapt(make_llama(), "native-probe", rank=RANK, alpha=2 * RANK, targets=["q_proj"])
+    perturb(model)
+    next(iter(adapter_layers(model).values())).peft_native = lambda: None  # one layer without a native form
+    report = export_peft(model, tmp_path)
+    assert "peft_type" not in report and {m["source"] for m in report["modules"].values()} == {"lora"}

@@ -113,7 +113,7 @@ One file, one registration, one test row; nothing else changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -200,6 +200,25 @@ class LoraParameters:
     B: nn.Parameter
     scaling: float
     rslora: bool = False
+
+
+@dataclass(frozen=True)
+class PeftNative:
+    """One layer written in PEFT's own format for its method (for the methods PEFT has: DoRA,
+    VeRA, RandLoRA, Uni-LoRA, LoHa, LoKr, MiSS, ...), so ``PeftModel.from_pretrained`` rebuilds it.
+
+    ``peft_type`` is PEFT's ``peft_type`` (``"VERA"``, ``"LOHA"``; DoRA is ``"LORA"`` with
+    ``use_dora``). ``config``: the method's fields of PEFT's config (``r``, ``alpha``,
+    ``target_modules`` is added by the export), equal across the layers of one export.
+    ``tensors``: this module's tensors keyed by PEFT's key suffix after the module path
+    (``"vera_lambda_b"``, ``"hada_w1_a"``), in PEFT's layout. ``shared``: model-level tensors
+    keyed by their whole PEFT key (VeRA's ``"base_model.vera_A"``), identical in every layer.
+    """
+
+    peft_type: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def check_adapter_name(name: Any) -> str:
@@ -424,6 +443,11 @@ class AdapterLayer(nn.Module):
     def lora_parameters(self) -> LoraParameters | None:
         """The trainable ``A``, ``B`` and ``scaling`` when the update is exactly ``scaling * B @ A``
         with both factors trained as plain LoRA factors; None for every other update form."""
+        return None
+
+    def peft_native(self) -> PeftNative | None:
+        """This layer in PEFT's own format for its method, when PEFT has the method; None for the
+        LoRA export (exact factors, or the best rank-k LoRA of the update with its error)."""
         return None
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:

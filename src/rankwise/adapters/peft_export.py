@@ -16,6 +16,10 @@ on whether the model is merged). Each module is written (format: :mod:`~rankwise
   the truncated SVD ``D_k = U_k S_k V_k^T`` split as ``lora_B = U_k S_k^{1/2}``,
   ``lora_A = S_k^{1/2} V_k^T``, ``lora_alpha = k``; ``k`` defaults to the layer's rank.
 
+Methods PEFT has in its own format (DoRA, VeRA, RandLoRA, Uni-LoRA, LoHa, LoKr, MiSS, ...)
+say so through ``AdapterLayer.peft_native()``; when every layer of the export has such a
+form, of one ``peft_type`` and config, that format is written instead, exactly.
+
 The report gives per module the rank, ``exact`` (factored, or ``k`` at least the numerical
 rank of ``D``) and ``relative_error = ||D - s B' A'||_F / ||D||_F`` measured on the tensors as
 written (in the weight's dtype). ``require_exact=True`` refuses before writing anything.
@@ -34,8 +38,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rankwise.adapters.api import require_adapters
-from rankwise.adapters.base import AdapterLayer
-from rankwise.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, factor_key, pattern_key, peft_layout
+from rankwise.adapters.base import AdapterLayer, PeftNative
+from rankwise.adapters.peft_format import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, factor_key, pattern_key, peft_layout
 from rankwise.errors import RankwiseError
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import svd
@@ -113,6 +117,43 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
+def _config_header(model: nn.Module, peft_type: str) -> dict[str, Any]:
+    """The fields every PEFT config starts with."""
+    return {
+        "peft_type": peft_type,
+        "task_type": _guess_task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+    }
+
+
+def _one_native_format(natives: Any) -> bool:
+    """Whether the layers' native forms fit one PEFT adapter: one peft_type and one config."""
+    natives = list(natives)
+    return all(n.peft_type == natives[0].peft_type and n.config == natives[0].config for n in natives)
+
+
+def _export_native(model: nn.Module, path: Path, natives: dict[str, PeftNative]) -> dict[str, Any]:
+    """Write every layer in its method's own PEFT format (``AdapterLayer.peft_native``): exact."""
+    first = next(iter(natives.values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, native in natives.items():
+        for suffix, tensor in native.tensors.items():
+            tensors[f"{KEY_PREFIX}{name}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
+        for key, tensor in native.shared.items():
+            if key not in tensors:  # one copy of what all layers share (VeRA's random matrices)
+                tensors[key] = tensor.detach().to("cpu").contiguous().clone()
+    config = {**_config_header(model, first.peft_type), "target_modules": sorted(natives), **first.config}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    modules = {name: {"rank": None, "alpha": None, "exact": True, "relative_error": 0.0, "source": "native"}
+               for name in natives}
+    return {"path": str(path), "exact": True, "max_relative_error": 0.0, "modules": modules,
+            "peft_type": first.peft_type}
+
+
 def export_peft(
     model: nn.Module,
     directory: str | Path,
@@ -133,12 +174,17 @@ def export_peft(
 
     Returns ``{"path", "exact", "max_relative_error", "modules": {name: {"rank", "alpha",
     "exact", "relative_error", "source"}}}`` with ``source`` one of ``"lora"``, ``"factors"``, ``"svd"``.
+    When every layer has a native PEFT form of one type (``AdapterLayer.peft_native``: DoRA,
+    VeRA, LoHa, ...), that is written instead (``source`` ``"native"``, ``"peft_type"`` in the report).
     """
     layers = require_adapters(model, "export a PEFT adapter", adapter_name)
     EXPORT_RANK.check("rank", rank, "export_peft")
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise RankwiseError(f"{path} exists and is not a directory; choose another path")
+    natives = {name: layer.peft_native() for name, layer in layers.items()}
+    if all(natives.values()) and _one_native_format(natives.values()):
+        return _export_native(model, path, natives)
 
     entries: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
@@ -191,13 +237,8 @@ def export_peft(
         pattern_key(n): e["peft_alpha"] for n, e in sorted(entries.items()) if e["peft_alpha"] != default_alpha
     }
     dropouts = {e["dropout"] for e in entries.values()}
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = {
-        "peft_type": "LORA",
-        "task_type": _guess_task_type(model),
-        "base_model_name_or_path": name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **_config_header(model, "LORA"),
         "r": default_rank,
         "lora_alpha": default_alpha,
         "target_modules": sorted(entries),
