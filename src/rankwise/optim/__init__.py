@@ -12,6 +12,7 @@ update rule, the sealed step and its hooks) and the guide to adding a method are
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,12 @@ def build(
 
     ``loraplus_lr_ratio`` (LoRA+, :mod:`rankwise.optim.loraplus`): on an adapted model, the
     adapters' B factors get ``lr * loraplus_lr_ratio`` in group 1, everything else ``lr`` in group 0.
+
+    On an adapted model the trainable parameters are the adapters' (see
+    :func:`split_parameters`), so every optimizer trains the adapter. A projected group whose
+    ``rank`` is at least the smaller side of some of its weights warns (RuntimeWarning): the
+    projection keeps the whole gradient there, and the projector's state comes on top of
+    moments as large as AdamW's.
     """
     if layerwise:
         accumulation_steps = check_layerwise(model, accumulation_steps, hparams)
@@ -87,4 +94,24 @@ def build(
         optimizer = build_loraplus(model, name, lr=lr, ratio=loraplus_lr_ratio, targets=targets, **hparams)
     else:
         optimizer = optimizer_class.from_model(model, lr=lr, targets=targets, **hparams)
+    _warn_if_full_rank(optimizer, name)
     return LayerwiseOptimizer(optimizer, accumulation_steps=accumulation_steps) if layerwise else optimizer
+
+
+def _warn_if_full_rank(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """RuntimeWarning when a projected group's rank >= min(m, n) of some of its weights (see :func:`build`)."""
+    for group in optimizer.param_groups:
+        rank = group.get("rank")
+        if rank is None:
+            continue
+        full = [p for p in group["params"] if p.ndim == 2 and rank >= min(p.shape)]
+        if full:
+            shape = tuple(full[0].shape)
+            warnings.warn(
+                f"{name}: rank {rank} >= min(m, n) for {len(full)} of the {len(group['params'])} projected weights "
+                f"(e.g. {shape[0]} x {shape[1]}): the projection keeps their whole gradient, so they keep moments as "
+                "large as AdamW's plus the projector's state -- more optimizer state than AdamW. Use a rank below "
+                f"{min(shape)} (a quarter of it is common) or leave those layers out of the targets",
+                RuntimeWarning,
+                stacklevel=3,
+            )
