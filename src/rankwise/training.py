@@ -553,6 +553,36 @@ MODEL_STATE_FILE = "training_model.safetensors"
 _TORCH_FILES = ("optimizer", "scheduler", "batches", "rng")
 
 
+def _plain_attributes(owner: Any) -> dict[str, Any]:
+    """The JSON-serialisable instance attributes of ``owner`` (counters, flags, sampled ranks)."""
+    found = {}
+    for key, value in vars(owner).items():
+        if key == "training" or key.startswith("__") or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        found[key] = value
+    return found
+
+
+def _rankwise_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """rankwise's own modules in ``model`` (adapter layers, factorised layers, ...): their plain
+    attributes are training state (AdaLoRA's fixed mask, DyLoRA's sampled rank, ...)."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("rankwise."):
+            yield name, module
+
+
+def _tensor_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent buffers too (importance averages, ...)."""
+    state = dict(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        state.setdefault(name, buffer)
+    return state
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -570,10 +600,13 @@ def save_training_state(
     batches: Any = None,
     history: Sequence[dict] = (),
     info: dict[str, Any] | None = None,
+    hooks: Sequence[TrainingHooks] = (),
 ) -> Path:
     """Write what resuming after ``step`` needs into ``directory`` (created; replaced if it exists).
 
-    ``training_model.safetensors``: the whole state dict (shared tensors once); ``optimizer.pt``,
+    ``training_model.safetensors``: every parameter and buffer (non-persistent ones too; shared
+    tensors once); the plain attributes of rankwise's own modules and of ``hooks`` go into
+    ``training_state.json`` (schedules' flags and counters); ``optimizer.pt``,
     ``scheduler.pt``, ``batches.pt`` (a :class:`~rankwise.data.batches.TokenBatches` position) and
     ``rng.pt`` (torch's global generators: dropout): tensors and plain values only, read back
     with ``torch.load(weights_only=True)``; ``training_state.json``: ``step``, ``history`` and
@@ -581,7 +614,7 @@ def save_training_state(
     directory is written beside its final place and renamed, so an interrupted save leaves
     the previous one intact.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     final = Path(directory)
     if final.exists() and not final.is_dir():
@@ -589,14 +622,22 @@ def save_training_state(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        save_model(model, str(staging / MODEL_STATE_FILE))
+        tensors, first = {}, {}
+        for name, tensor in _tensor_state(model).items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+            if key not in first:  # a tied tensor is stored once and re-tied by the model itself
+                first[key] = name
+                tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+        save_file(tensors, str(staging / MODEL_STATE_FILE))
         pieces = {"optimizer": optimizer.state_dict(), "rng": _rng_state(),
                   "scheduler": scheduler.state_dict() if scheduler is not None else None,
                   "batches": batches.state_dict() if batches is not None else None}
         for name, value in pieces.items():
             if value is not None:
                 torch.save(value, staging / f"{name}.pt")
-        state = {"step": step, "history": list(history), "info": info or {}}
+        state = {"step": step, "history": list(history), "info": info or {},
+                 "module_attributes": {name: _plain_attributes(m) for name, m in _rankwise_modules(model)},
+                 "hook_attributes": [_plain_attributes(hook) for hook in hooks]}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -637,20 +678,25 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any = None,
     batches: Any = None,
+    hooks: Sequence[TrainingHooks] = (),
 ) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote into the objects built for the same run;
     return ``{"step", "history", "info"}``. The model must have the saved structure (build and
     prepare it as the saved run did): names or shapes that differ raise before anything is loaded."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
 
     path = Path(directory)
     state = read_training_state(path)
     with safe_open(str(path / MODEL_STATE_FILE), framework="pt") as handle:
         saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    targets = _tensor_state(model)
+    expected = {key: tuple(value.shape) for key, value in targets.items()}
     differing = sorted(k for k in saved if k in expected and saved[k] != expected[k])
     unknown = sorted(set(saved) - set(expected))
+    attributes = state.get("module_attributes", {})
+    unknown += sorted(set(attributes) - {name for name, _ in _rankwise_modules(model)})
+    if len(state.get("hook_attributes", [])) not in (0, len(hooks)):
+        unknown.append(f"{len(state['hook_attributes'])} training hooks")
     if differing or unknown:
         raise RankwiseError(
             f"{path} was saved from another model (shapes differ at {differing[:3]}, unknown tensors {unknown[:3]}); "
@@ -669,7 +715,17 @@ def load_training_state(
         batches.load_state_dict(pieces["batches"])
     if scheduler is not None:
         scheduler.load_state_dict(pieces["scheduler"])
-    load_model(model, str(path / MODEL_STATE_FILE), strict=False)
+    with safe_open(str(path / MODEL_STATE_FILE), framework="pt") as handle, torch.no_grad():
+        for key in handle.keys():
+            target = targets[key]
+            target.copy_(handle.get_tensor(key).to(device=target.device, dtype=target.dtype))
+    for name, values in attributes.items():
+        module = model.get_submodule(name) if name else model
+        for key, value in values.items():
+            setattr(module, key, tuple(value) if isinstance(getattr(module, key, None), tuple) else value)
+    for hook, values in zip(hooks, state.get("hook_attributes", [])):
+        for key, value in values.items():
+            setattr(hook, key, tuple(value) if isinstance(getattr(hook, key, None), tuple) else value)
     rng = pieces["rng"] or {}
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"])

@@ -203,7 +203,8 @@ def run_setup(
     scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
     start_step, earlier, initial = 0, [], None
     if saved is not None:
-        state = load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches)
+        state = load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                                    hooks=prepared.hooks)
         start_step, earlier, initial = state["step"], state["history"], state["info"].get("initial_val_loss")
         if start_step >= config.steps:
             raise RankwiseError(f"{resume_from} is at step {start_step}, the end of a {config.steps}-step run: "
@@ -214,7 +215,7 @@ def run_setup(
             target = checkpointing.directory / f"checkpoint-{step}"
             info = {**identity, "initial_val_loss": initial if initial is not None else so_far.initial_val_loss}
             save_training_state(target, model=model, optimizer=optimizer, step=step, scheduler=scheduler,
-                                batches=batches, history=earlier + so_far.history, info=info)
+                                batches=batches, history=earlier + so_far.history, info=info, hooks=prepared.hooks)
             if checkpointing.write_output is not None:
                 checkpointing.write_output(model, target)
             checkpointing.written.append(target)
