@@ -131,9 +131,20 @@ def _size_label(row: dict[str, Any]) -> str:
 
 
 def plot_curves(suites: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Write :func:`results_figure` of ``suites`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(suites)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_figure(suites: dict[str, list[dict[str, Any]]]):
     """One row per suite: validation loss against step for every set-up (from the loss before
-    training at step 0), legend outside the axes, and beside it the final validation loss of
-    each set-up as a sorted bar chart annotated with its trainable parameters and state MB."""
+    training at step 0; zoomed on training when the start is far above), each set-up in its
+    own :func:`setup_style`, legend outside the axes; beside it the final validation loss of
+    each set-up as a sorted bar chart in the same colours, annotated with its trainable
+    parameters and optimizer-state MB."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,5 +207,4 @@ def plot_curves(suites: dict[str, list[dict[str, Any]]], path: Path) -> None:
         bars.set_xlabel(f"final validation loss (axis starts at {left:.3g}; lower is better)")
         bars.set_title(f"{suite}: final loss, trainable parameters, optimizer state")
         bars.grid(axis="x", alpha=0.3)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
