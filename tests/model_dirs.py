@@ -36,15 +36,21 @@ def byte_level_tokenizer(special: list[str], **roles):
 
 
 def wordpiece_tokenizer(directory: Path):
-    """A BertTokenizerFast whose vocab.txt holds the specials, the words of TEXT and single letters."""
-    from transformers import BertTokenizerFast
+    """A BERT-style WordPiece tokenizer (lower-casing, [CLS] / [SEP] / [MASK], no EOS) whose
+    vocabulary holds the specials, the words of TEXT and single letters."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w.strip(".,:;").lower() for w in TEXT.split()} - {""})
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,:;", *letters, *(f"##{c}" for c in letters), *words]
+    words = sorted({w.strip(".,:;()").lower() for w in TEXT.split()} - {""})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = list(dict.fromkeys([*specials, *".,:;()", *letters, *(f"##{c}" for c in letters), *words]))
+    wordpiece = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]", model_max_length=512)
 
 
 def gpt2_dir(directory: Path, seed: int = 0) -> Path:

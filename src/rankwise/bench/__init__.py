@@ -51,11 +51,11 @@ def _user_documents(data_files: Sequence[str]):
 
 def embedded_workload(
     split: str, model_preset: str, config: RunConfig, *, from_base: bool, base_steps: int | None = None,
-    data_files: Sequence[str] | None = None,
+    data_files: Sequence[str] | None = None, progress: bool = True,
 ) -> Workload:
     """The embedded corpus ``split`` (or the user's ``data_files``, split by
     :func:`rankwise.data.corpus.split_for_training`) and the embedded model: a fresh init, or
-    the cached base when ``from_base``."""
+    the cached base when ``from_base`` (built on first use, with a progress bar if ``progress``)."""
     from rankwise.data.batches import encode_documents
     from rankwise.data.corpus import load_corpus
     from rankwise.data.models import BASE_STEPS, build_model, load_base
@@ -76,7 +76,7 @@ def embedded_workload(
         hidden = make_model().config.hidden_size
         base = None
     else:
-        base_model = load_base(model_preset, steps=base_steps)
+        base_model = load_base(model_preset, steps=base_steps, progress=progress)
 
         def make_model():
             return copy.deepcopy(base_model)
@@ -96,6 +96,10 @@ def user_workload(model_dir: str, data_files: Sequence[str], config: RunConfig) 
 
     documents = _user_documents(data_files)  # a bad data file fails before the model is loaded
     loaded = load_model_dir(model_dir)
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if positions is not None and config.seq_len > positions:
+        raise RankwiseError(f"seq_len {config.seq_len} exceeds the model's {positions} positions; pass --seq-len "
+                            f"{positions} or less")
     tokenizer = loaded.tokenizer
     masking = Masking.for_tokenizer(tokenizer) if loaded.objective != "causal-lm" else None
     if loaded.objective == "masked-lm":
@@ -188,7 +192,8 @@ def run_bench(
         for suite, suite_setups in plan.items():
             split, from_base = SUITE_WORKLOAD[suite]
             workload = users or embedded_workload(split, model_preset, config, from_base=from_base,
-                                                  base_steps=base_steps, data_files=data_files)
+                                                  base_steps=base_steps, data_files=data_files,
+                                                  progress=show_progress)
             if workload.data_how:
                 print(f"data: {workload.data_how}")
             rows = []

@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="pretraining steps of the cached base the fine-tuning suites start from "
                              "(default: 400; not with --model)")
     parser.add_argument("--model", default=None, metavar="DIR",
-                        help="your model directory instead of the embedded model (needs --data)")
+                        help="your model directory instead of the embedded model (needs --data; default: the embedded model)")
     parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
                         help="your .txt / .jsonl files instead of the embedded corpus (default: the corpus)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every set-up's batches and inits")

@@ -214,11 +214,8 @@ def make_workload(args: argparse.Namespace, split: str, config: RunConfig, *, fr
         workload = user_workload(args.model, args.data, config)
     else:
         workload = embedded_workload(split, args.preset or DEFAULT_PRESET, config, from_base=from_base,
-                                     base_steps=getattr(args, "base_steps", None), data_files=args.data)
-    positions = getattr(getattr(workload.make_model(), "config", None), "max_position_embeddings", None) \
-        if args.model else None
-    refuse(positions is not None and config.seq_len > positions,
-           f"--seq-len {config.seq_len} exceeds the model's {positions} positions; pass --seq-len {positions} or less")
+                                     base_steps=getattr(args, "base_steps", None), data_files=args.data,
+                                     progress=not getattr(args, "no_progress", False))
     return workload
 
 

@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     write = partial(write_adapter if args.method else write_model, workload=workload, setup=setup, command="finetune")
     checkpointing = Checkpointing(args.save_steps, out, lambda model, path: write(model, path)) \
         if args.save_steps else None
-    _, model = train_and_report(setup, workload, config, args, checkpointing)
-    written = write(model, out)
+    row, model = train_and_report(setup, workload, config, args, checkpointing)
+    written = write(model, out, row=row)
     where = "given by --out" if args.out else "choose the place with --out"
     print(f"saved the {'adapter' if written == 'adapter' else 'fine-tuned model'} to {out} ({where}); "
           f"it is a valid --model for the next command")

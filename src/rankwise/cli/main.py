@@ -11,11 +11,13 @@ command lists every flag with its default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Sequence
 
 from rankwise.cli import bench, compress, finetune, methods, pretrain
-from rankwise.cli.common import add_progress_argument
+from rankwise.cli.common import HelpFormatter, add_progress_argument
 from rankwise.errors import RankwiseError
 
 #: every sub-command: a module with ``add_parser(sub)`` (which sets ``run``) and ``run(args)``
@@ -41,47 +43,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
-    for name in WITH_PROGRESS:
-        add_progress_argument(sub.choices[name])
+    for name, command_parser in sub.choices.items():
+        command_parser.formatter_class = HelpFormatter  # every command's --help shows the defaults
+        if name in WITH_PROGRESS:
+            add_progress_argument(command_parser)
     return parser
 
 
-def silence_progress() -> None:
-    """No progress bars from transformers and huggingface_hub (loading / saving weights)."""
+@contextlib.contextmanager
+def progress_bars_off() -> Iterator[None]:
+    """No progress bars from transformers and huggingface_hub (loading / saving weights) inside
+    this block; their previous setting afterwards."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    transformers_on, hub_on = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-    except ImportError:  # pragma: no cover - huggingface_hub always comes with transformers
-        return
     disable_progress_bars()
-
-
-def restore_progress() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.enable_progress_bar()
     try:
-        from huggingface_hub.utils import enable_progress_bars
-    except ImportError:  # pragma: no cover
-        return
-    enable_progress_bars()
+        yield
+    finally:
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if hub_on:
+            enable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = getattr(args, "no_progress", False)
-    if quiet:
-        silence_progress()
+    quiet = progress_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext()
     try:
-        return args.run(args)
+        with quiet:
+            return args.run(args)
     except RankwiseError as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if quiet:
-            restore_progress()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,14 @@ def _version() -> str:
         return "unknown"
 
 
-def _write_run_info(directory: Path, workload: Workload, setup: SetUp, command: str, output: str) -> None:
+#: the row fields kept in rankwise_run.json's "result"
+RESULT_FIELDS = ("objective", "initial_val_loss", "early_val_loss", "early_step", "final_val_loss", "final_val_ppl",
+                 "peak_memory_mb", "ms_per_step", "trainable_params", "precision", "gradient_checkpointing",
+                 "resumed_from_step", "history")
+
+
+def _write_run_info(directory: Path, workload: Workload, setup: SetUp, command: str, output: str,
+                    row: dict[str, Any] | None) -> None:
     info: dict[str, Any] = {
         "format": RUN_FORMAT,
         "version": 1,
@@ -62,12 +69,15 @@ def _write_run_info(directory: Path, workload: Workload, setup: SetUp, command: 
         "adapter_root": workload.adapter_root,
         "data": workload.name,
         "setup": asdict(setup),
+        "result": None if row is None else {key: row.get(key) for key in RESULT_FIELDS},
     }
     (directory / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
-def write_model(model: nn.Module, directory: Path, workload: Workload, setup: SetUp, command: str) -> str:
-    """Write the trained model, its tokenizer and the run record; return what was written."""
+def write_model(model: nn.Module, directory: Path, workload: Workload, setup: SetUp, command: str,
+                row: dict[str, Any] | None = None) -> str:
+    """Write the trained model, its tokenizer and the run record (with ``row``'s result, the
+    training history among it); return what was written."""
     from rankwise.compress import save_compressed
     from rankwise.nn import FactorizedLinear
 
@@ -79,11 +89,12 @@ def write_model(model: nn.Module, directory: Path, workload: Workload, setup: Se
         model.save_pretrained(directory, safe_serialization=True)
         output = "model"
     workload.tokenizer.save_pretrained(directory)
-    _write_run_info(directory, workload, setup, command, output)
+    _write_run_info(directory, workload, setup, command, output, row)
     return output
 
 
-def write_adapter(model: nn.Module, directory: Path, workload: Workload, setup: SetUp, command: str) -> str:
+def write_adapter(model: nn.Module, directory: Path, workload: Workload, setup: SetUp, command: str,
+                  row: dict[str, Any] | None = None) -> str:
     """Write the adapter (module names relative to the adapter root), the tokenizer and the run record."""
     from rankwise.adapters import save_adapter
 
@@ -91,5 +102,5 @@ def write_adapter(model: nn.Module, directory: Path, workload: Workload, setup: 
     directory.mkdir(parents=True, exist_ok=True)
     save_adapter(root, directory)
     workload.tokenizer.save_pretrained(directory)
-    _write_run_info(directory, workload, setup, command, "adapter")
+    _write_run_info(directory, workload, setup, command, "adapter", row)
     return "adapter"

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     write = partial(write_model, workload=workload, setup=setup, command="pretrain")
     checkpointing = Checkpointing(args.save_steps, out, lambda model, path: write(model, path)) \
         if args.save_steps else None
-    _, model = train_and_report(setup, workload, config, args, checkpointing)
-    write(model, out)
+    row, model = train_and_report(setup, workload, config, args, checkpointing)
+    write(model, out, row=row)
     where = "given by --out" if args.out else "choose the place with --out"
     print(f"saved the trained model to {out} ({where}); it is a valid --model for finetune")
     return 0

@@ -222,6 +222,11 @@ class Masking:
         tokens there, -100 elsewhere; at least one position per batch is chosen."""
         original = batch["input_ids"]
         allowed = ~torch.isin(original, torch.tensor(self.special_ids, dtype=original.dtype))
+        if not allowed.any():
+            raise RankwiseError(
+                "every token of a batch is a special token (unknown tokens count as special), so nothing can be "
+                "masked: the tokenizer does not cover this text -- use the model's own tokenizer"
+            )
         draw = torch.rand(original.shape, generator=generator)
         chosen = (draw < self.probability) & allowed
         if not chosen.any() and allowed.any():
