@@ -202,7 +202,9 @@ def run_bench(
                 row, _ = run_setup(setup, workload, config, progress=bar)
                 rows.append(row)
             results[suite] = rows
-            print("\n" + format_table(rows, title=f"== {suite} ({workload.name}, {config.steps} steps) =="))
+            how = [f"{config.steps} steps", f"{config.dtype} weights"] + (["bf16 autocast"] if config.bf16 else []) + (
+                [f"{config.gradient_checkpointing} gradient checkpointing"] if config.gradient_checkpointing else [])
+            print("\n" + format_table(rows, title=f"== {suite} ({workload.name}, {', '.join(how)}) =="))
     meta = {
         "preset": preset,
         "model_preset": model_preset if model_dir is None else model_dir,

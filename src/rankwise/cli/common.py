@@ -10,7 +10,6 @@ here, options an optimizer or method does not declare by its own checks.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -298,10 +297,6 @@ def _resumed_step(directory: str) -> int:
     from rankwise.training import read_training_state
 
     return read_training_state(directory)["step"]
-
-
-def setup_record(setup: SetUp) -> dict[str, Any]:
-    return asdict(setup)
 
 
 def check_out_path(out: Path) -> None:
