@@ -301,6 +301,7 @@ def test_an_adapter_trains_with_any_rankwise_optimizer(cli_env, tmp_path, monkey
     assert json.loads((tmp_path / "galore" / "rankwise_run.json").read_text())["setup"]["optimizer"] == "galore"
 
 
+@pytest.mark.slow
 def test_loraplus_is_reachable_by_its_flag_and_by_optim_args(cli_env, tmp_path, monkeypatch):
     build = RecordingBuild(monkeypatch)
     assert finetune("--method", "lora", "--rank", "4", "--loraplus-lr-ratio", "16", "--out", str(tmp_path / "a")) == 0
@@ -407,6 +408,7 @@ def test_own_text_on_the_embedded_model(cli_env, tmp_path, capsys):
 # ----- item 5: outputs feed back in -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_output_directory_is_a_valid_model_for_the_next_command(cli_env, tmp_path, capsys):
     from rankwise.data.models import load_model_dir
 
@@ -547,6 +549,7 @@ def test_help_states_every_flags_default_and_meaning(capsys):
     assert exit_info.value.code == 0 and re.fullmatch(r"rankwise \S+\n", capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_dtype_and_device_take_effect(cli_env, tmp_path, capsys):
     from safetensors import safe_open
 
@@ -564,6 +567,7 @@ def test_dtype_and_device_take_effect(cli_env, tmp_path, capsys):
     assert "unknown device 'tpu9'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_steps_save_steps_and_resume(cli_env, tmp_path, capsys):
     common = ["--method", "lora", "--rank", "4", "--steps", "4", "--eval-steps", "1"]
     assert finetune(*common, "--save-steps", "2", "--out", str(tmp_path / "a")) == 0
@@ -585,6 +589,7 @@ def test_eval_steps_save_steps_and_resume(cli_env, tmp_path, capsys):
     assert "was saved by another run (rank: saved 4, now 8)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_progress_silences_every_bar(cli_env, tmp_path, capfd):
     assert main(["finetune", *BASE, "--method", "lora", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
                  "--out", str(tmp_path / "loud")]) == 0
@@ -630,6 +635,7 @@ def test_the_readme_method_table_lists_every_registered_method(capsys):
 # ----- issue 9: checkpointing and bf16 on the command line; real model directories -----------------
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_bf16_report_their_peak_memory(cli_env, tmp_path, capsys):
     peaks = {}
     for name, flags in (("plain", []), ("checkpointed", ["--gradient-checkpointing"]),
