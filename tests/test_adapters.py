@@ -331,10 +331,10 @@ def test_save_load_roundtrip_on_a_fresh_base(case, batch, tmp_path):
     train(model, batch, steps=3)
     expected = logits(model, batch)
     save_adapter(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "rankwise_adapter.json").read_text())
     assert config["format"] == "rankwise-adapter" and config["version"] == 1
     assert set(config["modules"]) == set(adapter_layers(model))
-    assert not [key for key in load_file(tmp_path / "adapter_model.safetensors") if ".base." in key]
+    assert not [key for key in load_file(tmp_path / "rankwise_adapter.safetensors") if ".base." in key]
     loaded = load_adapter(make_llama(), tmp_path)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
     assert trainable_parameters(loaded) == trainable_parameters(model)
@@ -469,14 +469,14 @@ def saved_dir(saved_template, tmp_path):
 
 
 def _edit_config(directory, edit):
-    path = directory / "adapter_config.json"
+    path = directory / "rankwise_adapter.json"
     config = json.loads(path.read_text())
     edit(config)
     path.write_text(json.dumps(config))
 
 
 def _edit_tensors(directory, edit):
-    path = directory / "adapter_model.safetensors"
+    path = directory / "rankwise_adapter.safetensors"
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
@@ -495,13 +495,14 @@ def _write(file, content):
     return lambda d: (d / file).write_bytes(content)
 
 
-CONFIG, TENSORS = "adapter_config.json", "adapter_model.safetensors"
+CONFIG, TENSORS = "rankwise_adapter.json", "rankwise_adapter.safetensors"
 BROKEN_DIRS = [
     ("missing directory", lambda d: d.rename(d.with_name("elsewhere")), "does not exist"),
-    ("missing config", lambda d: (d / CONFIG).unlink(), "adapter_config.json is missing"),
+    # what is left is the PEFT copy of the LoRA adapter: the message names import_peft
+    ("missing config", lambda d: (d / CONFIG).unlink(), "holds a PEFT adapter"),
     ("corrupt config", _write(CONFIG, b"{not json"), "is not valid JSON"),
     ("foreign config", _write(CONFIG, b'{"peft_type": "LORA"}'), "is not a rankwise-adapter"),
-    ("missing tensors", lambda d: (d / TENSORS).unlink(), "adapter_model.safetensors is missing"),
+    ("missing tensors", lambda d: (d / TENSORS).unlink(), "rankwise_adapter.safetensors is missing"),
     ("corrupt tensors", _write(TENSORS, b"\x08\x00garbage"), "not a readable safetensors"),
     ("unknown method", _set_in_every_module(method="nola-x"), "unknown method 'nola-x'"),
     ("module missing in base", lambda d: _edit_config(d, _rename_first_module), "has no module"),
@@ -539,9 +540,9 @@ def test_shared_tensor_is_saved_once_and_retied(tmp_path, batch):
     model = adapt(make_llama(), "shared-probe", rank=RANK)
     train(model, batch, steps=2)
     save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / "adapter_model.safetensors")
+    stored = load_file(tmp_path / "rankwise_adapter.safetensors")
     assert sum(key.endswith(".proj") for key in stored) == 1
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "rankwise_adapter.json").read_text())
     assert len(config["tied"]) == len(config["modules"]) - 1
     loaded = load_adapter(make_llama(), tmp_path)
     projections = {id(layer.proj) for layer in adapter_layers(loaded).values()}

@@ -142,7 +142,7 @@ def test_save_and_load_by_name(tmp_path, batch):
     with_b = logits(model, batch)
     save_adapter(model, tmp_path / "a", adapter_name="default")
     save_adapter(model, tmp_path / "b")  # the active one
-    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["adapter_name"] == "b"
+    assert json.loads((tmp_path / "b" / "rankwise_adapter.json").read_text())["adapter_name"] == "b"
     loaded = load_adapter(make_llama(), tmp_path / "a")
     load_adapter(loaded, tmp_path / "b", adapter_name="other")
     assert adapter_names(loaded) == ["default", "other"] and active_adapter(loaded) == "other"

@@ -132,3 +132,122 @@ def test_the_compress_kind_factorises_at_the_ratio_and_trains_every_remaining_pa
     assert trained == {id(p) for p in model.parameters()} and prepared.hooks == ()
     with pytest.raises(RankwiseError, match="needs a ratio"):
         prepare(SetUp("p", "compress", "svd"), make_llama(hidden=32), 32, None, 3)
+
+
+# ----- set-ups across suites, the optimizer of method set-ups, resuming, the report ---------------
+
+from rankwise.bench import plan_setups  # noqa: E402
+from rankwise.bench.report import format_table, results_figure, setup_style  # noqa: E402
+from rankwise.bench.runner import Checkpointing  # noqa: E402
+
+
+def test_named_setups_run_in_whichever_suite_has_them():
+    plan = plan_setups(["pretrain", "finetune"], ["lora"], include_all=False)
+    assert {suite: [s.name for s in setups] for suite, setups in plan.items()} == {"finetune": ["lora"]}
+    plan = plan_setups(["pretrain", "finetune"], ["adamw", "lora", "pissa"], include_all=False)
+    assert {suite: [s.name for s in setups] for suite, setups in plan.items()} == {
+        "pretrain": ["adamw"], "finetune": ["lora", "pissa"]}
+    with pytest.raises(RankwiseError, match="no suite of pretrain, finetune has the set-up\\(s\\) lorra; they have -- "
+                                            "pretrain: adamw, galore, low-rank W=BA; finetune: full fine-tuning, lora"):
+        plan_setups(["pretrain", "finetune"], ["lora", "lorra"], include_all=False)
+    with pytest.raises(RankwiseError, match="unknown suite 'nope'"):
+        plan_setups(["nope"], ["lora"], include_all=False)
+
+
+def _adapter_optimizer(setup):
+    model = make_llama(hidden=32)
+    return prepare(setup, model, 32, None, 3).optimizer, model
+
+
+def test_an_adapter_setup_trains_with_the_optimizer_it_names():
+    optimizer, model = _adapter_optimizer(SetUp("lora", "adapter", "lora", rank=4))
+    assert type(optimizer) is torch.optim.AdamW
+    optimizer, _ = _adapter_optimizer(SetUp("lora", "adapter", "lora", rank=4, optimizer="galore",
+                                            optimizer_options={"rank": 2, "update_proj_gap": 7}))
+    assert type(optimizer).__name__ == "GaLoreAdamW"
+    assert (optimizer.param_groups[0]["rank"], optimizer.param_groups[0]["update_proj_gap"]) == (2, 7)
+    optimizer, model = _adapter_optimizer(SetUp("lora", "adapter", "lora", rank=4, lr=1e-3,
+                                                optimizer_options={"loraplus_lr_ratio": 16}))
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 16e-3]
+    with pytest.raises(RankwiseError, match="unknown optimizer 'nonexistent'"):
+        _adapter_optimizer(SetUp("lora", "adapter", "lora", rank=4, optimizer="nonexistent"))
+    with pytest.raises(RankwiseError, match="unknown option"):
+        _adapter_optimizer(SetUp("lora", "adapter", "lora", rank=4, optimizer_options={"scale": 9.0}))
+    # LoRA-Pro's paper optimizer unless another is named
+    optimizer, _ = _adapter_optimizer(SetUp("lora_pro", "adapter", "lora_pro", rank=4))
+    assert type(optimizer).__name__ == "LoRAProAdamW"
+    prepared = prepare(SetUp("lowrank", "parametrize", "lowrank", rank=4, optimizer="galore",
+                             optimizer_options={"rank": 2}), make_llama(hidden=32), 32, None, 3)
+    assert type(prepared.optimizer).__name__ == "GaLoreAdamW"
+
+
+def test_run_setup_checkpoints_and_resumes_to_the_uninterrupted_row(tmp_path):
+    setup = SetUp("lora", "adapter", "lora", lr=1e-2, rank=4)
+    config = RunConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2, warmup_steps=1, early_step=2)
+    straight, model = run_setup(setup, workload(), config)
+    checkpoints = Checkpointing(2, tmp_path, write_output=lambda m, path: (path / "marker").write_text("x"))
+    run_setup(setup, workload(), config, checkpointing=checkpoints)
+    assert checkpoints.written == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"]
+    assert (tmp_path / "checkpoint-2" / "marker").is_file()
+    resumed, resumed_model = run_setup(setup, workload(), config, resume_from=tmp_path / "checkpoint-2")
+    assert resumed["history"] == straight["history"] and resumed["resumed_from_step"] == 2
+    assert resumed["initial_val_loss"] == straight["initial_val_loss"]
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RankwiseError, match="was saved by another run \\(rank: saved 4, now 8\\)"):
+        run_setup(SetUp("lora", "adapter", "lora", lr=1e-2, rank=8), workload(), config,
+                  resume_from=tmp_path / "checkpoint-2")
+    with pytest.raises(RankwiseError, match="nothing to resume"):
+        run_setup(setup, workload(), config, resume_from=tmp_path / "checkpoint-4")
+
+
+def test_the_table_has_stable_loss_columns_and_shows_the_loss_before_training():
+    rows = []
+    for steps in (2, 3):
+        config = RunConfig(steps=steps, batch_size=2, seq_len=16, eval_every=1, eval_batches=2, warmup_steps=0,
+                           early_step=1)
+        row, _ = run_setup(SetUp("lora", "adapter", "lora", lr=1e-2, rank=4), workload(), config)
+        rows.append(row)
+        header = format_table([row]).splitlines()[0].split("  ")
+        assert [h.strip() for h in header if h.strip()][-4:] == ["start loss", "early loss", "val loss", "val ppl"]
+    # LoRA leaves the function unchanged at init: the start loss is the base's on the same batches
+    from rankwise.training import evaluate
+
+    assert rows[0]["initial_val_loss"] == pytest.approx(evaluate(make_llama(hidden=32), workload().eval_data), abs=1e-6)
+    assert rows[0]["early_val_loss"] == rows[0]["history"][0]["val_loss"] and rows[0]["early_step"] == 1
+    assert "(start loss: validation loss before the first step; early loss: validation loss at step 1)" in format_table(rows)
+
+
+def _fake_rows(count):
+    return [{"setup": f"set-up {i}", "history": [{"step": s, "val_loss": 5.0 - 0.01 * i - 0.1 * s} for s in (5, 10)],
+             "initial_val_loss": 6.0, "final_val_loss": 4.0 - 0.01 * i, "trainable_params": 1000 * (i + 1),
+             "optimizer_state_mb": 0.5 * i} for i in range(count)]
+
+
+def test_the_figure_stays_readable_with_many_setups():
+    import matplotlib.pyplot as plt
+
+    styles = [setup_style(i) for i in range(40)]
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles}) == 40
+    assert len({(s["color"], s["linestyle"]) for s in styles}) == 40  # distinct even without markers
+    figure = results_figure({"finetune": _fake_rows(22), "pretrain": _fake_rows(3)})
+    (curves, bars), (small_curves, _) = [figure.axes[i:i + 2] for i in (0, 2)]
+    lines = curves.get_lines()
+    assert len(lines) == 22 and len({(l.get_color(), l.get_linestyle()) for l in lines}) == 22
+    assert all(line.get_xdata()[0] == 0 for line in lines)  # every curve starts before training
+    figure.canvas.draw()
+    legend = curves.get_legend().get_window_extent()
+    assert legend.x0 >= curves.get_window_extent().x1  # outside the data area
+    filled = [patch for patch in bars.patches if patch.get_fill()]
+    hatched = [patch for patch in bars.patches if patch.get_hatch()]
+    assert len(filled) == 22 and len(hatched) == 12  # set-ups 10..21 reuse a colour: their bars carry the dash
+    labels = [t.get_text() for t in bars.get_yticklabels()]
+    assert labels[-1] == "set-up 21" and labels[0] == "set-up 0"  # best (lowest) final loss on top
+    notes = [t.get_text() for t in bars.texts]
+    assert " 3.7900   22,000 trainable · 10.50 MB state" in notes
+    # the start (6.0) is far above training: the curves zoom on training and say so
+    assert curves.get_ylim()[1] < 6.0 and "above the axis" in curves.get_title()
+    # three set-ups with one evaluation each: the start stays in view, so lines are drawn
+    assert all(len(line.get_xdata()) == 3 for line in small_curves.get_lines())
+    plt.close(figure)

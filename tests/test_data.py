@@ -329,3 +329,122 @@ def test_batches_module_does_not_cache_user_documents(rankwise_cache):
     encode_documents(["a user document", "another"], get_tokenizer())
     assert set(rankwise_cache.rglob("*.npy")) == before
     assert batches_module._embedded_part(["a user document"]) is None
+
+
+# ---------------------------------------------------------------- the user's text, separators, masking, model dirs
+
+from model_dirs import TEXT, bert_dir, byte_level_tokenizer, gpt2_dir, llama_dir, text_file  # noqa: E402
+from rankwise.data.batches import Masking, MaskedBatches, masked_eval_batches, separator_ids  # noqa: E402
+from rankwise.data.corpus import MIN_PARAGRAPHS, split_for_training  # noqa: E402
+from rankwise.data.models import load_model_dir  # noqa: E402
+
+
+def test_several_documents_are_split_by_their_hash_and_say_so():
+    documents = [f"document {i}: " + TEXT for i in range(40)]
+    split = split_for_training(documents)
+    assert (split.train, split.validation) == split_documents(documents)
+    assert split.how.startswith(f"40 documents: {len(split.train)} for training, {len(split.validation)} held out")
+
+
+def test_one_document_with_many_paragraphs_is_split_by_paragraph(tmp_path):
+    (text,) = load_text_files([text_file(tmp_path, paragraphs=MIN_PARAGRAPHS + 4)])
+    split = split_for_training([text])
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    assert sorted(split.train + split.validation) == sorted(paragraphs)
+    assert (split.train, split.validation) == split_documents(paragraphs)
+    assert split.how.startswith(f"1 document split at blank lines into {MIN_PARAGRAPHS + 4} paragraphs")
+
+
+def test_one_document_with_few_paragraphs_is_split_by_size_at_a_line_break():
+    text = "\n".join(f"line {i} of a short file" for i in range(200))
+    split = split_for_training([text])
+    (head,), (tail,) = split.train, split.validation
+    assert head + tail == text and head.endswith("\n")
+    assert 0.04 < len(tail) / len(text) < 0.06
+    assert f"the last {len(tail):,} (about 5%, cut at a line break) held out" in split.how
+    assert "fewer than 20, so split by size" in split.how
+    with pytest.raises(RankwiseError, match="too short to hold out a validation part"):
+        split_for_training(["x"])
+    with pytest.raises(RankwiseError, match="split_for_training also splits a single document"):
+        split_documents(["one"])
+
+
+def test_separators_follow_the_tokenizer_kind(tmp_path):
+    gpt2 = byte_level_tokenizer(["<|endoftext|>"], bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    llama = byte_level_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    from model_dirs import wordpiece_tokenizer
+
+    bert = wordpiece_tokenizer(tmp_path / "bert")
+    bare = byte_level_tokenizer([])
+    assert separator_ids(gpt2) == ([], [gpt2.eos_token_id])
+    assert separator_ids(llama) == ([llama.bos_token_id], [llama.eos_token_id])
+    assert separator_ids(bert) == ([bert.cls_token_id], [bert.sep_token_id])
+    assert separator_ids(bare) == ([], [])
+    stream = encode_documents(["a b", "c d"], bert)
+    ids = [bert.cls_token_id, *bert("a b", add_special_tokens=False)["input_ids"], bert.sep_token_id,
+           bert.cls_token_id, *bert("c d", add_special_tokens=False)["input_ids"], bert.sep_token_id]
+    assert stream.tolist() == ids
+    # no separator at all is no reason to stop: documents are concatenated
+    assert encode_documents(["ab", "cd"], bare).tolist() == bare("ab")["input_ids"] + bare("cd")["input_ids"]
+
+
+def test_masking_chooses_15_percent_of_ordinary_tokens_and_replaces_80_10_10():
+    masking = Masking(mask_token_id=1, vocab_size=50, special_ids=(0, 1, 2))
+    ids = torch.randint(3, 50, (64, 128), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0  # a special token at every row start: never chosen
+    batch = masking.apply({"input_ids": ids, "labels": ids.clone()}, torch.Generator().manual_seed(1))
+    chosen = batch["labels"] != -100
+    assert torch.equal(batch["labels"][chosen], ids[chosen]) and not chosen[:, 0].any()
+    assert torch.equal(batch["input_ids"][~chosen], ids[~chosen])
+    share = chosen.float().mean().item()
+    assert 0.14 < share < 0.16
+    masked = (batch["input_ids"] == 1) & chosen
+    kept = (batch["input_ids"] == ids) & chosen
+    assert 0.77 < masked.sum() / chosen.sum() < 0.83
+    assert 0.08 < kept.sum() / chosen.sum() < 0.13  # 10% kept, plus random draws that hit the same token
+    with pytest.raises(RankwiseError, match="the tokenizer has no mask token"):
+        Masking.for_tokenizer(byte_level_tokenizer(["<s>"], eos_token="<s>"))
+
+
+def test_masked_batches_resume_and_fixed_masked_eval_batches():
+    tokens = torch.randint(3, 50, (2000,), generator=torch.Generator().manual_seed(0))
+    masking = Masking(1, 50, (0, 1, 2))
+    first = MaskedBatches(tokens, batch_size=2, seq_len=16, masking=masking, seed=4)
+    next(first)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(3)]
+    resumed = MaskedBatches(tokens, batch_size=2, seq_len=16, masking=masking, seed=99)
+    resumed.load_state_dict(state)
+    for got, want in zip([next(resumed) for _ in range(3)], expected):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    plain = TokenBatches(tokens, batch_size=2, seq_len=16, seed=4)
+    with pytest.raises(RankwiseError, match="saved without masking"):
+        resumed.load_state_dict(plain.state_dict())
+    once = masked_eval_batches(tokens, batch_size=2, seq_len=16, masking=masking, max_batches=3, seed=5)
+    again = masked_eval_batches(tokens, batch_size=2, seq_len=16, masking=masking, max_batches=3, seed=5)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(once, again) for k in a)
+    assert all((b["labels"] != -100).any() for b in once)
+
+
+@pytest.mark.parametrize("build, objective, root, cls", [
+    (gpt2_dir, "causal-lm", "", "GPT2LMHeadModel"),
+    (llama_dir, "causal-lm", "", "LlamaForCausalLM"),
+    (bert_dir, "masked-lm", "bert", "BertForMaskedLM"),
+    (lambda d: bert_dir(d, mlm_head=False), "hidden-states", "", "BertModel"),
+], ids=["gpt2", "llama", "bert-with-mlm-head", "bert-without-head"])
+def test_a_model_directory_is_loaded_as_its_kind_with_its_objective(tmp_path, build, objective, root, cls):
+    loaded = load_model_dir(build(tmp_path / "model"))
+    assert (type(loaded.model).__name__, loaded.objective, loaded.adapter_root) == (cls, objective, root)
+    assert loaded.adapter_module is (loaded.model.get_submodule(root) if root else loaded.model)
+    assert loaded.tokenizer.pad_token is not None or objective != "causal-lm"
+
+
+def test_the_real_minilm_encoder_is_trained_on_hidden_states(minilm_path):
+    loaded = load_model_dir(minilm_path)
+    assert (type(loaded.model).__name__, loaded.objective, loaded.adapter_root) == ("BertModel", "hidden-states", "")
+    assert "encoder without a language-model head" in loaded.how
+
+
+def test_a_causal_lm_saved_without_its_head_is_refused(tmp_path):
+    with pytest.raises(RankwiseError, match="lacks .*lm_head.*freshly initialised"):
+        load_model_dir(llama_dir(tmp_path / "headless", head=False))

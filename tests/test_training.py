@@ -273,3 +273,233 @@ def test_loop_averages_micro_batches_for_an_accumulating_layerwise_optimizer():
     train(reference, optim.build(reference, "galore", lr=1e-2, rank=4, update_proj_gap=5), iter([full]), steps=1)
     for (name, a), b in zip(accumulated.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+# ----- gradient checkpointing, bf16 autocast, objectives, save and resume ----------------------
+
+import copy  # noqa: E402
+
+from rankwise import optim  # noqa: E402
+from rankwise.adapters import ADAPTERS  # noqa: E402
+from rankwise.bench.kinds import prepare  # noqa: E402
+from rankwise.bench.setup import SetUp  # noqa: E402
+from rankwise.bench.suites import SUITES  # noqa: E402
+from rankwise.training import (  # noqa: E402
+    CAUSAL_LM,
+    MASKED_LM,
+    hidden_state_fidelity,
+    load_training_state,
+    save_training_state,
+)
+
+#: the finetune suite's row of each adapter method (its options), rank capped for the fixture
+ADAPTER_SETUPS = {}
+for _setup in SUITES["finetune"]:
+    if _setup.kind == "adapter" and _setup.method not in ADAPTER_SETUPS:
+        ADAPTER_SETUPS[_setup.method] = SetUp(**{**_setup.__dict__, "rank": min(_setup.rank or 4, 4),
+                                                 "options": {k: v for k, v in _setup.options.items()
+                                                             if k not in ("target_r", "init_r")}})
+
+
+def _setup_of(method: str) -> SetUp:
+    return ADAPTER_SETUPS.get(method, SetUp(method, "adapter", method, lr=1e-3, rank=4))
+
+
+def _two_runs(make, steps=2, **train_kwargs):
+    """The same prepared model trained twice from the same state: plainly, then with ``train_kwargs``."""
+    results = []
+    for kwargs in ({}, train_kwargs):
+        model, optimizer, hooks = make()
+        batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16, seed=3)
+        torch.manual_seed(7)
+        result = train(model, optimizer, batches, steps=steps, hooks=hooks, **kwargs)
+        results.append((model, result))
+    return results
+
+
+def _adapted(method):
+    def make():
+        model = make_llama()
+        data = TokenBatches(_random_tokens(seed=1), batch_size=2, seq_len=16, seed=5)
+        torch.manual_seed(0)
+        prepared = prepare(_setup_of(method), model, 32, data, 2)
+        return model, prepared.optimizer, prepared.hooks
+    return make
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", ADAPTERS.names())
+def test_gradient_checkpointing_gives_every_adapter_the_same_steps_with_less_memory(method, use_reentrant):
+    (plain, plain_result), (checkpointed, result) = _two_runs(
+        _adapted(method), gradient_checkpointing=True, use_reentrant=use_reentrant)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert [r["train_loss"] for r in result.history] == pytest.approx([r["train_loss"] for r in plain_result.history],
+                                                                      abs=1e-6)
+    assert result.peak_memory_mb < plain_result.peak_memory_mb
+    assert not checkpointed.is_gradient_checkpointing  # switched off again after the run
+
+
+def _optimizer_run(name, layerwise):
+    def make():
+        model = make_llama()
+        if name == "lora_pro":
+            import rankwise
+
+            rankwise.adapt(model, "lora", rank=4)
+        options = {"rank": 4} if "rank" in optim.method_options(name) and name != "frugal" else {}
+        return model, optim.build(model, name, lr=1e-3, layerwise=layerwise, **options), ()
+    return make
+
+
+OPTIMIZER_MODES = [(name, False) for name in optim.names()] + [
+    (entry.name, True) for entry in optim.OPTIMIZERS.entries() if "layerwise" in entry.supports]
+
+
+@pytest.mark.parametrize("name, layerwise", OPTIMIZER_MODES,
+                         ids=[f"{n}{'-layerwise' if lw else ''}" for n, lw in OPTIMIZER_MODES])
+def test_gradient_checkpointing_gives_every_optimizer_the_same_steps(name, layerwise):
+    (plain, _), (checkpointed, _) = _two_runs(_optimizer_run(name, layerwise), gradient_checkpointing=True,
+                                              use_reentrant=True)
+    for (param_name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=param_name)
+
+
+def test_gradient_checkpointing_needs_a_model_that_supports_it():
+    model = Regressor()
+    with pytest.raises(RankwiseError, match="gradient checkpointing needs a transformers model"):
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), _regression_batches(2), steps=1,
+              gradient_checkpointing=True)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_the_fp32_loss():
+    (fp32, fp32_result), (mixed, mixed_result) = _two_runs(
+        lambda: (lambda m: (m, torch.optim.AdamW(m.parameters(), lr=1e-3), ()))(make_llama()), steps=3,
+        autocast_dtype=torch.bfloat16)
+    # fp32 master weights: parameters and their gradients stay fp32 under autocast
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in mixed.parameters())
+    losses = [r["train_loss"] for r in fp32_result.history]
+    mixed_losses = [r["train_loss"] for r in mixed_result.history]
+    # bf16 keeps 8 bits of mantissa: the loss (about ln 128 = 4.85) agrees to a few 1e-2, not exactly
+    assert mixed_losses == pytest.approx(losses, abs=5e-2) and mixed_losses != losses
+    batch = make_batch(seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mixed(**batch).logits.dtype == torch.bfloat16
+    assert evaluate(mixed, [batch], autocast_dtype=torch.bfloat16) == pytest.approx(evaluate(mixed, [batch]), abs=5e-2)
+    with pytest.raises(RankwiseError, match="autocast_dtype must be a torch.dtype"):
+        train(fp32, torch.optim.SGD(fp32.parameters(), lr=0.1), iter([batch]), steps=1, autocast_dtype="bf16")
+
+
+def test_train_measures_the_loss_before_the_first_step():
+    model = make_llama()
+    validation = [make_batch(seed=9)]
+    before = evaluate(model, validation)
+    result = train(model, torch.optim.SGD(model.parameters(), lr=0.5), TokenBatches(_random_tokens(), batch_size=2,
+                   seq_len=16), steps=2, eval_batches=validation)
+    assert result.initial_val_loss == before and result.final_val_loss != before
+
+
+def test_masked_lm_objective_weights_batches_by_their_masked_tokens():
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=32)).eval()
+    ids = torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    few = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+    few["labels"][0, 3] = ids[0, 3]
+    many = {"input_ids": ids, "labels": ids.clone()}
+    weighted = evaluate(model, [few, many], objective=MASKED_LM)
+    expected = (1 * evaluate(model, [few], objective=MASKED_LM) + 24 * evaluate(model, [many], objective=MASKED_LM)) / 25
+    assert weighted == pytest.approx(expected, rel=1e-6)
+    assert MASKED_LM.tokens(few) == 1 and CAUSAL_LM.tokens(many) == 22
+
+
+def test_hidden_state_fidelity_is_zero_for_the_teacher_on_unmasked_input_and_trains_an_encoder():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0))
+    objective = hidden_state_fidelity(copy.deepcopy(encoder))
+    assert not objective.perplexity
+    ids = torch.randint(5, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3
+    unmasked = {"input_ids": ids, "labels": torch.where(chosen, ids, torch.full_like(ids, -100))}
+    assert evaluate(encoder, [unmasked], objective=objective) == pytest.approx(0.0, abs=1e-10)
+    masked = {"input_ids": torch.where(chosen, torch.full_like(ids, 4), ids), "labels": unmasked["labels"]}
+    # known answer: the mean squared difference of the layer-normalised states at the masked positions
+    with torch.no_grad():
+        h = encoder(input_ids=masked["input_ids"]).last_hidden_state[chosen]
+        h0 = encoder(input_ids=ids).last_hidden_state[chosen]
+        norm = torch.nn.functional.layer_norm
+        expected = ((norm(h, (32,)) - norm(h0, (32,))) ** 2).mean().item()
+    before = evaluate(encoder, [masked], objective=objective)
+    assert before == pytest.approx(expected, rel=1e-5) and before > 0.01
+    result = train(encoder, torch.optim.AdamW(encoder.parameters(), lr=3e-3), iter([masked] * 30), steps=30,
+                   objective=objective, eval_batches=[masked])
+    assert result.final_val_loss < 0.5 * before and result.final_val_ppl is None
+    with pytest.raises(RankwiseError, match="computed no loss"):
+        evaluate(encoder, [masked])
+
+
+def _resumable(method: str | None):
+    model = make_llama()
+    torch.manual_seed(0)
+    if method is None:
+        optimizer = optim.build(model, "galore", lr=1e-2, rank=4, update_proj_gap=2)
+        hooks = ()
+    else:
+        data = TokenBatches(_random_tokens(seed=1), batch_size=2, seq_len=16, seed=5)
+        prepared = prepare(_setup_of(method), model, 32, data, 6)
+        optimizer, hooks = prepared.optimizer, prepared.hooks
+    scheduler = cosine_schedule(optimizer, warmup_steps=2, total_steps=6)
+    batches = TokenBatches(_random_tokens(), batch_size=2, seq_len=16, seed=3)
+    return model, optimizer, scheduler, batches, hooks
+
+
+@pytest.mark.parametrize("method", [None, *ADAPTERS.names()], ids=lambda m: m or "galore")
+def test_a_resumed_run_computes_exactly_what_the_uninterrupted_run_computes(method, tmp_path):
+    model, optimizer, scheduler, batches, hooks = _resumable(method)
+    torch.manual_seed(11)
+    straight = train(model, optimizer, batches, steps=6, scheduler=scheduler, hooks=hooks)
+
+    first = _resumable(method)
+    torch.manual_seed(11)
+
+    def save(step, so_far):
+        save_training_state(tmp_path / f"checkpoint-{step}", model=first[0], optimizer=first[1], scheduler=first[2],
+                            batches=first[3], step=step, history=so_far.history, info={"run": "test"},
+                            hooks=first[4])
+
+    train(first[0], first[1], first[3], steps=6, scheduler=first[2], hooks=first[4], save_every=3, save=save)
+    torch.manual_seed(999)  # the saved RNG state, not this one, drives what follows
+    resumed_model, resumed_optimizer, resumed_scheduler, resumed_batches, resumed_hooks = _resumable(method)
+    state = load_training_state(tmp_path / "checkpoint-3", model=resumed_model, optimizer=resumed_optimizer,
+                                scheduler=resumed_scheduler, batches=resumed_batches, hooks=resumed_hooks)
+    assert state["step"] == 3 and state["info"] == {"run": "test"} and len(state["history"]) == 3
+    rest = train(resumed_model, resumed_optimizer, resumed_batches, steps=6, scheduler=resumed_scheduler,
+                 hooks=resumed_hooks, start_step=3)
+    assert [r["step"] for r in rest.history] == [4, 5, 6]
+    assert state["history"] + rest.history == straight.history
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_from_another_model_or_optimizer_is_refused_untouched(tmp_path):
+    model, optimizer, scheduler, batches, _ = _resumable(None)
+    train(model, optimizer, batches, steps=2, scheduler=scheduler)
+    save_training_state(tmp_path / "c", model=model, optimizer=optimizer, scheduler=scheduler, batches=batches, step=2)
+    other = make_llama(hidden=48)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(RankwiseError, match="saved from another model"):
+        load_training_state(tmp_path / "c", model=other, optimizer=torch.optim.SGD(other.parameters(), lr=1))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    fresh = make_llama()
+    with pytest.raises(RankwiseError, match="optimizer state does not fit"):
+        load_training_state(tmp_path / "c", model=fresh, optimizer=torch.optim.AdamW(fresh.parameters(), lr=1))
+    with pytest.raises(RankwiseError, match="start_step must be an integer in"):
+        train(model, optimizer, batches, steps=2, start_step=2)
+    with pytest.raises(RankwiseError, match="training_state.json is missing"):
+        load_training_state(tmp_path, model=model, optimizer=optimizer)

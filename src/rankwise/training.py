@@ -3,7 +3,8 @@
 Each step::
 
     optimizer.zero_grad(set_to_none=True)
-    loss = model(**batch).loss + sum(hook.loss_term(model) for hook in hooks)
+    with autocast(dtype):                # only if autocast_dtype is given (bf16 mixed precision)
+        loss = objective.loss(model, batch) + sum(hook.loss_term(model) for hook in hooks)
     loss.backward()
     clip_grad_norm_(max_grad_norm)       # only if max_grad_norm is given
     optimizer.step()
@@ -12,7 +13,19 @@ Each step::
 
 ``hooks`` are :class:`TrainingHooks`: whatever a set-up installed that acts during training
 (an adapter method's regulariser or rank schedule, a parametrisation's restarts), whichever
-pillar it comes from; the loop knows nothing else about them.
+pillar it comes from; the loop knows nothing else about them. ``objective`` is what the
+model is trained and evaluated on (:class:`Objective`): next-token prediction by default
+(``model(**batch).loss``), masked-LM or hidden-state fidelity for encoders.
+
+Options that change how a step runs, not what it computes:
+
+* ``gradient_checkpointing=True``: transformers' activation checkpointing of every block
+  (non-reentrant ``torch.utils.checkpoint`` by default, ``use_reentrant=True`` for the old
+  reentrant variant, with input gradients enabled so frozen embeddings still pass gradients
+  to adapters); activations inside a block are recomputed in backward instead of stored;
+* ``autocast_dtype=torch.bfloat16``: the forward pass and the loss under ``torch.autocast``;
+  the parameters, their gradients and the optimizer state stay in the model's dtype (fp32
+  master weights for an fp32 model).
 
 and it measures, the same way for every set-up:
 
@@ -22,17 +35,28 @@ and it measures, the same way for every set-up:
 * ``peak_memory_mb`` -- on CUDA ``torch.cuda.max_memory_allocated`` (reset at the start);
   elsewhere the peak reported by :class:`MemoryTracker` (definition there).
 
-The validation loss (:func:`evaluate`) is the mean next-token cross-entropy over all predicted
-tokens of the evaluation batches, and perplexity is ``exp`` of it.
+The validation loss (:func:`evaluate`) is the objective's loss averaged over all the tokens it
+scores in the evaluation batches (for the default objective: the mean next-token
+cross-entropy over all predicted tokens), and perplexity is ``exp`` of it where the objective
+is a cross-entropy. With evaluation batches, the loss before the first step is measured too
+(``initial_val_loss``).
+
+A run can be saved every ``save_every`` steps (:func:`save_training_state` from the ``save``
+callback) and resumed with :func:`load_training_state` and ``start_step``: the resumed run
+computes exactly what the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +79,8 @@ class TrainResult:
     ms_per_step: float = 0.0
     peak_memory_mb: float = 0.0
     steps: int = 0
+    #: the validation loss before the first step (None without eval batches or on a resumed run)
+    initial_val_loss: float | None = None
 
 
 class TrainingHooks:
@@ -192,11 +218,101 @@ def _predicted_tokens(batch: dict) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def evaluate(model: nn.Module, batches: Iterable[dict]) -> float:
-    """Mean next-token loss over all predicted tokens of ``batches`` (no grad).
+def _labelled_tokens(batch: dict) -> int:
+    """Tokens with a label in ``batch`` (the masked positions of a masked-LM batch)."""
+    labels = batch.get("labels")
+    if labels is None:
+        raise RankwiseError("masked batches need 'labels' (use rankwise.data.batches.MaskedBatches / masked_eval_batches)")
+    return int((labels != IGNORE_INDEX).sum())
 
-    Each batch's mean loss is weighted by its number of predicted tokens, so a short last batch
-    counts for what it holds. The model is put in eval mode and its mode restored afterwards.
+
+def _model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    output = model(**batch)
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        raise RankwiseError(
+            f"{type(model).__name__} computed no loss from the batch (keys {sorted(batch)}); an encoder without a "
+            "language-model head needs another objective (rankwise.training.hidden_state_fidelity)"
+        )
+    return loss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a model is trained and evaluated on.
+
+    ``loss(model, batch)`` is the scalar the step minimises (the mean over the batch's scored
+    tokens); ``tokens(batch)`` the number of tokens it averages over, so :func:`evaluate` weights
+    batches by it; ``perplexity``: whether ``exp(loss)`` is a perplexity (a cross-entropy).
+    """
+
+    name: str
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    tokens: Callable[[dict], int]
+    perplexity: bool = True
+
+
+#: next-token prediction: ``model(**batch).loss`` of a causal LM, the mean cross-entropy of the
+#: ``T - 1`` predicted tokens of each row (labels = input_ids, shifted inside the model)
+CAUSAL_LM = Objective("causal language modelling", _model_loss, _predicted_tokens)
+#: masked-LM (BERT, arXiv 1810.04805): ``model(**batch).loss`` of a ``*ForMaskedLM`` on batches
+#: whose labels are -100 except at the masked positions (rankwise.data.batches.MaskedBatches);
+#: ``exp`` of it is the masked-token perplexity
+MASKED_LM = Objective("masked language modelling", _model_loss, _labelled_tokens)
+
+
+def hidden_state_fidelity(teacher: nn.Module) -> Objective:
+    """Masked-input hidden-state fidelity, for an encoder without a language-model head.
+
+    With the masked batch of :class:`rankwise.data.batches.MaskedBatches` (``x~`` = the input
+    with 15% of its tokens masked, ``x`` = the original tokens, ``M`` = the masked positions),
+    the loss is ::
+
+        mean over i in M, j < d of ( LN(h(x~))_ij - LN(h0(x))_ij )^2
+
+    where ``h`` is the trained model's last hidden state, ``h0`` the frozen ``teacher``'s (the
+    model before training) and ``LN`` a layer norm without parameters. The model learns to
+    give a masked token the representation the original encoder gives it in context: a
+    data2vec-style target (arXiv 2202.03555) with the frozen starting model as teacher, so the
+    representation space the encoder's users rely on (sentence embeddings) is kept. The
+    teacher is a separate frozen copy: its weights are not part of the measured memory.
+    """
+    teacher = teacher.eval().requires_grad_(False)
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        masked = labels != IGNORE_INDEX
+        original = torch.where(masked, labels, batch["input_ids"])
+        device = _model_device(model)
+        if _model_device(teacher) != device:
+            teacher.to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=original).last_hidden_state
+        hidden = model(input_ids=batch["input_ids"]).last_hidden_state
+        width = (hidden.shape[-1],)
+        predicted = nn.functional.layer_norm(hidden[masked].float(), width)
+        wanted = nn.functional.layer_norm(target[masked].float(), width)
+        return nn.functional.mse_loss(predicted, wanted)
+
+    return Objective("hidden-state fidelity", loss, _labelled_tokens, perplexity=False)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    objective: Objective = CAUSAL_LM,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean ``objective`` loss over all the tokens it scores in ``batches`` (no grad).
+
+    Each batch's mean loss is weighted by its number of scored tokens (for the default
+    objective: predicted tokens), so a short last batch counts for what it holds. The model is
+    put in eval mode and its mode restored afterwards.
     """
     batches = list(batches)
     if not batches:
@@ -206,10 +322,10 @@ def evaluate(model: nn.Module, batches: Iterable[dict]) -> float:
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, autocast_dtype):
             for batch in batches:
-                tokens = _predicted_tokens(batch)
-                loss = model(**_to_device(batch, device)).loss
+                tokens = objective.tokens(batch)
+                loss = objective.loss(model, _to_device(batch, device))
                 total += float(loss) * tokens
                 count += tokens
     finally:
@@ -242,6 +358,42 @@ def _report_progress(progress: Any, step: int, record: dict) -> None:
         raise RankwiseError("progress must be a tqdm-like object (with .update) or a callable(step, metrics)")
 
 
+def _check_checkpointing(model: nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RankwiseError(
+            f"gradient checkpointing needs a transformers model that supports it; {type(model).__name__} does not "
+            "(drop gradient_checkpointing, or checkpoint its blocks with torch.utils.checkpoint yourself)"
+        )
+
+
+@contextlib.contextmanager
+def checkpointing_activations(model: nn.Module, *, use_reentrant: bool = False) -> Iterator[None]:
+    """Activation checkpointing of ``model``'s blocks inside this block, then the model's previous setting.
+
+    transformers' ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` on older
+    versions) with ``use_reentrant``; input gradients are enabled (and disabled again) so that
+    with frozen embeddings (adapters) the checkpointed blocks still get gradients.
+    """
+    _check_checkpointing(model)
+    was_enabled = bool(getattr(model, "is_gradient_checkpointing", False))
+    had_input_hook = hasattr(model, "_require_grads_hook")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if not hasattr(model, "_require_grads_hook") and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+        if not had_input_hook and hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -255,25 +407,50 @@ def train(
     progress: Any = None,
     log_every: int | None = None,
     max_grad_norm: float | None = None,
+    objective: Objective = CAUSAL_LM,
+    gradient_checkpointing: bool = False,
+    use_reentrant: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    start_step: int = 0,
+    save_every: int | None = None,
+    save: Callable[[int, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimisation steps and measure loss, time and memory.
 
-    ``batches`` yields dicts the model accepts (``input_ids``, ``labels``, ...); they are moved
-    to the model's device. ``eval_batches`` are evaluated every ``eval_every`` steps and always
-    after the last step (``final_val_loss``). Each of ``hooks`` adds its ``loss_term`` to the loss
-    and runs its ``after_step`` after each optimizer step (see :class:`TrainingHooks`).
-    ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``) or a callable ``(step, metrics)``. History rows are written every ``log_every`` steps (default:
-    every step; ``train_loss`` is the mean since the previous row), at each evaluation and at
-    the end. A non-finite loss raises :class:`RankwiseError` naming the step, before that step
-    changes anything. The model is left in the mode it came in.
+    ``batches`` yields dicts the objective takes (for the default objective, what the model
+    accepts: ``input_ids``, ``labels``, ...); they are moved to the model's device.
+    ``eval_batches`` are evaluated before the first step (``initial_val_loss``), every
+    ``eval_every`` steps and always after the last step (``final_val_loss``). Each of ``hooks``
+    adds its ``loss_term`` to the loss and runs its ``after_step`` after each optimizer step
+    (see :class:`TrainingHooks`). ``progress`` is a tqdm-like bar (``update`` / ``set_postfix``)
+    or a callable ``(step, metrics)``. History rows are written every ``log_every`` steps
+    (default: every step; ``train_loss`` is the mean since the previous row), at each
+    evaluation and at the end. A non-finite loss raises :class:`RankwiseError` naming the step,
+    before that step changes anything. The model is left in the mode it came in.
+
+    ``gradient_checkpointing`` / ``use_reentrant`` and ``autocast_dtype``: see the module
+    docstring. ``start_step``: the steps already done by a run being resumed (its model,
+    optimizer, scheduler and batches restored by :func:`load_training_state`); the loop runs
+    steps ``start_step + 1 .. steps``. ``save(step, so_far)`` is called after every
+    ``save_every``-th step (e.g. to :func:`save_training_state`), ``so_far`` a TrainResult with
+    this call's history rows and ``initial_val_loss``.
     """
     _check_positive("steps", steps)
     _check_positive("eval_every", eval_every)
     _check_positive("log_every", log_every)
+    _check_positive("save_every", save_every)
     if eval_every is not None and not eval_batches:
         raise RankwiseError("eval_every needs eval_batches to evaluate on")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise RankwiseError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if not isinstance(start_step, int) or not 0 <= start_step < steps:
+        raise RankwiseError(f"start_step must be an integer in [0, steps={steps}), got {start_step!r}")
+    if (save_every is None) != (save is None):
+        raise RankwiseError("save_every and save go together: give both (save(step, so_far) is called every save_every steps)")
+    if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+        raise RankwiseError(f"autocast_dtype must be a torch.dtype (e.g. torch.bfloat16), got {autocast_dtype!r}")
+    if gradient_checkpointing:
+        _check_checkpointing(model)
     device = _model_device(model)
     on_cuda = device.type == "cuda"
     tracker = None if on_cuda else MemoryTracker(model, optimizer)
@@ -286,74 +463,275 @@ def train(
     window_losses: list[float] = []
     window_regularizers: list[float] = []
     final_val_loss = None
+    initial_val_loss = None
     was_training = model.training
-    model.train()
+    checkpointing = (
+        checkpointing_activations(model, use_reentrant=use_reentrant) if gradient_checkpointing
+        else contextlib.nullcontext()
+    )
     try:
-        for step in range(1, steps + 1):
-            batch = _to_device(next(batches), device)
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with tracker.saving_activations() if tracker else contextlib.nullcontext():
-                loss = model(**batch).loss
-                regularizer = _loss_terms(hooks, model)
-                total = loss if regularizer is None else loss + regularizer
-            total_value = float(total.detach())
-            if not math.isfinite(total_value):
-                raise RankwiseError(
-                    f"the loss became {total_value} at step {step}; lower the learning rate, "
-                    "enable gradient clipping (max_grad_norm) or check the data"
-                )
-            if tracker:
-                tracker.sample()
-            # A layerwise optimizer that accumulates N micro-batches steps on their mean gradient.
-            (total / getattr(optimizer, "accumulation_steps", 1)).backward()
-            if tracker:
-                tracker.clear_activations()
-                tracker.sample()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            for hook in hooks:
-                hook.after_step(model, step=step, total_steps=steps, optimizer=optimizer)
-            if tracker:
-                tracker.sample()
-            if scheduler is not None:
-                scheduler.step()
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            step_seconds.append(time.perf_counter() - started)
+        with checkpointing:
+            if eval_batches and start_step == 0:
+                initial_val_loss = evaluate(model, eval_batches, objective=objective, autocast_dtype=autocast_dtype)
+            model.train()
+            for step in range(start_step + 1, steps + 1):
+                batch = _to_device(next(batches), device)
+                started = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                with tracker.saving_activations() if tracker else contextlib.nullcontext():
+                    with _autocast(device, autocast_dtype):
+                        loss = objective.loss(model, batch)
+                        regularizer = _loss_terms(hooks, model)
+                        total = loss if regularizer is None else loss + regularizer
+                total_value = float(total.detach())
+                if not math.isfinite(total_value):
+                    raise RankwiseError(
+                        f"the loss became {total_value} at step {step}; lower the learning rate, "
+                        "enable gradient clipping (max_grad_norm) or check the data"
+                    )
+                if tracker:
+                    tracker.sample()
+                # A layerwise optimizer that accumulates N micro-batches steps on their mean gradient.
+                (total / getattr(optimizer, "accumulation_steps", 1)).backward()
+                if tracker:
+                    tracker.clear_activations()
+                    tracker.sample()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                for hook in hooks:
+                    hook.after_step(model, step=step, total_steps=steps, optimizer=optimizer)
+                if tracker:
+                    tracker.sample()
+                if scheduler is not None:
+                    scheduler.step()
+                if on_cuda:
+                    torch.cuda.synchronize(device)
+                step_seconds.append(time.perf_counter() - started)
 
-            window_losses.append(float(loss.detach()))
-            if regularizer is not None:
-                window_regularizers.append(float(regularizer.detach()))
-            evaluate_now = bool(eval_batches) and (step == steps or (eval_every is not None and step % eval_every == 0))
-            record: dict[str, Any] = {"step": step, "train_loss": window_losses[-1]}
-            if evaluate_now:
-                record["val_loss"] = evaluate(model, eval_batches)
-                final_val_loss = record["val_loss"] if step == steps else final_val_loss
-            if evaluate_now or step % log_every == 0 or step == steps:
-                row = {"step": step, "train_loss": sum(window_losses) / len(window_losses)}
-                row["lr"] = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else None
-                if window_regularizers:
-                    row["regularizer"] = sum(window_regularizers) / len(window_regularizers)
+                window_losses.append(float(loss.detach()))
+                if regularizer is not None:
+                    window_regularizers.append(float(regularizer.detach()))
+                evaluate_now = bool(eval_batches) and (step == steps or (eval_every is not None and step % eval_every == 0))
+                record: dict[str, Any] = {"step": step, "train_loss": window_losses[-1]}
                 if evaluate_now:
-                    row["val_loss"] = record["val_loss"]
-                history.append(row)
-                window_losses.clear()
-                window_regularizers.clear()
-            _report_progress(progress, step, record)
+                    record["val_loss"] = evaluate(model, eval_batches, objective=objective, autocast_dtype=autocast_dtype)
+                    final_val_loss = record["val_loss"] if step == steps else final_val_loss
+                if evaluate_now or step % log_every == 0 or step == steps:
+                    row = {"step": step, "train_loss": sum(window_losses) / len(window_losses)}
+                    row["lr"] = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else None
+                    if window_regularizers:
+                        row["regularizer"] = sum(window_regularizers) / len(window_regularizers)
+                    if evaluate_now:
+                        row["val_loss"] = record["val_loss"]
+                    history.append(row)
+                    window_losses.clear()
+                    window_regularizers.clear()
+                if save is not None and step % save_every == 0:
+                    save(step, TrainResult(history=list(history), initial_val_loss=initial_val_loss, steps=step))
+                _report_progress(progress, step, record)
     finally:
         model.train(was_training)
     timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
     peak_bytes = torch.cuda.max_memory_allocated(device) if on_cuda else tracker.peak_bytes
+    ppl = None if final_val_loss is None or not objective.perplexity else _perplexity(final_val_loss)
     return TrainResult(
         history=history,
         final_val_loss=final_val_loss,
-        final_val_ppl=None if final_val_loss is None else _perplexity(final_val_loss),
+        final_val_ppl=ppl,
         ms_per_step=1000.0 * sum(timed) / len(timed),
         peak_memory_mb=peak_bytes / MB,
         steps=steps,
+        initial_val_loss=initial_val_loss,
     )
+
+
+# ---- saving and resuming a run -------------------------------------------------------------
+
+STATE_FILE = "training_state.json"
+MODEL_STATE_FILE = "training_model.safetensors"
+_TORCH_FILES = ("optimizer", "scheduler", "batches", "rng")
+
+
+def _plain_attributes(owner: Any) -> dict[str, Any]:
+    """The JSON-serialisable instance attributes of ``owner`` (counters, flags, sampled ranks)."""
+    found = {}
+    for key, value in vars(owner).items():
+        if key == "training" or key.startswith("__") or isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        found[key] = value
+    return found
+
+
+def _rankwise_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """rankwise's own modules in ``model`` (adapter layers, factorised layers, ...): their plain
+    attributes are training state (AdaLoRA's fixed mask, DyLoRA's sampled rank, ...)."""
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("rankwise."):
+            yield name, module
+
+
+def _tensor_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent buffers too (importance averages, ...)."""
+    state = dict(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        state.setdefault(name, buffer)
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    scheduler: Any = None,
+    batches: Any = None,
+    history: Sequence[dict] = (),
+    info: dict[str, Any] | None = None,
+    hooks: Sequence[TrainingHooks] = (),
+) -> Path:
+    """Write what resuming after ``step`` needs into ``directory`` (created; replaced if it exists).
+
+    ``training_model.safetensors``: every parameter and buffer (non-persistent ones too; shared
+    tensors once); the plain attributes of rankwise's own modules and of ``hooks`` go into
+    ``training_state.json`` (schedules' flags and counters); ``optimizer.pt``,
+    ``scheduler.pt``, ``batches.pt`` (a :class:`~rankwise.data.batches.TokenBatches` position) and
+    ``rng.pt`` (torch's global generators: dropout): tensors and plain values only, read back
+    with ``torch.load(weights_only=True)``; ``training_state.json``: ``step``, ``history`` and
+    ``info`` (what the caller needs to check that a resumed run is the same run). The
+    directory is written beside its final place and renamed, so an interrupted save leaves
+    the previous one intact.
+    """
+    from safetensors.torch import save_file
+
+    final = Path(directory)
+    if final.exists() and not final.is_dir():
+        raise RankwiseError(f"{final} exists and is not a directory; choose another checkpoint path")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        tensors, first = {}, {}
+        for name, tensor in _tensor_state(model).items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+            if key not in first:  # a tied tensor is stored once and re-tied by the model itself
+                first[key] = name
+                tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+        save_file(tensors, str(staging / MODEL_STATE_FILE))
+        pieces = {"optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                  "batches": batches.state_dict() if batches is not None else None}
+        for name, value in pieces.items():
+            if value is not None:
+                torch.save(value, staging / f"{name}.pt")
+        state = {"step": step, "history": list(history), "info": info or {},
+                 "module_attributes": {name: _plain_attributes(m) for name, m in _rankwise_modules(model)},
+                 "hook_attributes": [_plain_attributes(hook) for hook in hooks]}
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _load_piece(directory: Path, name: str) -> Any:
+    path = directory / f"{name}.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise RankwiseError(f"{path} cannot be read as saved training state ({exc}); resume from another checkpoint") from None
+
+
+def read_training_state(directory: str | Path) -> dict[str, Any]:
+    """``{"step", "history", "info"}`` of a directory written by :func:`save_training_state`."""
+    from rankwise.files import read_json_object
+
+    path = Path(directory)
+    state = read_json_object(path, STATE_FILE, what="checkpoint directory",
+                             fix="pass a checkpoint-<step> directory written with --save-steps")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("history"), list):
+        raise RankwiseError(f"{path / STATE_FILE} has no step / history; it is not a rankwise checkpoint")
+    if not (path / MODEL_STATE_FILE).is_file():
+        raise RankwiseError(f"{path} has no {MODEL_STATE_FILE}; the checkpoint is incomplete -- resume from another one")
+    return state
+
+
+def load_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    batches: Any = None,
+    hooks: Sequence[TrainingHooks] = (),
+) -> dict[str, Any]:
+    """Restore what :func:`save_training_state` wrote into the objects built for the same run;
+    return ``{"step", "history", "info"}``. The model must have the saved structure (build and
+    prepare it as the saved run did): names or shapes that differ raise before anything is loaded."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    state = read_training_state(path)
+    with safe_open(str(path / MODEL_STATE_FILE), framework="pt") as handle:
+        saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    targets = _tensor_state(model)
+    expected = {key: tuple(value.shape) for key, value in targets.items()}
+    differing = sorted(k for k in saved if k in expected and saved[k] != expected[k])
+    unknown = sorted(set(saved) - set(expected))
+    attributes = state.get("module_attributes", {})
+    unknown += sorted(set(attributes) - {name for name, _ in _rankwise_modules(model)})
+    if len(state.get("hook_attributes", [])) not in (0, len(hooks)):
+        unknown.append(f"{len(state['hook_attributes'])} training hooks")
+    if differing or unknown:
+        raise RankwiseError(
+            f"{path} was saved from another model (shapes differ at {differing[:3]}, unknown tensors {unknown[:3]}); "
+            "resume with the same model, method and options as the saved run"
+        )
+    pieces = {name: _load_piece(path, name) for name in _TORCH_FILES}
+    for name, target in (("scheduler", scheduler), ("batches", batches)):
+        if target is not None and pieces[name] is None:
+            raise RankwiseError(f"{path} holds no {name} state; resume from a checkpoint written by the same kind of run")
+    try:  # checks the groups and their sizes before it changes anything
+        optimizer.load_state_dict(pieces["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise RankwiseError(f"{path}: the optimizer state does not fit this optimizer ({exc}); resume with the "
+                            "same optimizer and options as the saved run") from None
+    if batches is not None:
+        batches.load_state_dict(pieces["batches"])
+    if scheduler is not None:
+        scheduler.load_state_dict(pieces["scheduler"])
+    with safe_open(str(path / MODEL_STATE_FILE), framework="pt") as handle, torch.no_grad():
+        for key in handle.keys():
+            target = targets[key]
+            target.copy_(handle.get_tensor(key).to(device=target.device, dtype=target.dtype))
+    for name, values in attributes.items():
+        module = model.get_submodule(name) if name else model
+        for key, value in values.items():
+            setattr(module, key, tuple(value) if isinstance(getattr(module, key, None), tuple) else value)
+    for hook, values in zip(hooks, state.get("hook_attributes", [])):
+        for key, value in values.items():
+            setattr(hook, key, tuple(value) if isinstance(getattr(hook, key, None), tuple) else value)
+    rng = pieces["rng"] or {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
 
 
 def cosine_schedule(

@@ -1,8 +1,8 @@
 """Saving adapters to a directory and loading them onto a fresh base model.
 
-On disk (``dir``):
+On disk (``dir``), rankwise's own files, which restore the exact method:
 
-- ``adapter_config.json``::
+- ``rankwise_adapter.json``::
 
       {"format": "rankwise-adapter", "version": 1,
        "modules": {"<module name>": {"method": ..., "rank": ..., "alpha": ..., "options": {...},
@@ -13,9 +13,16 @@ On disk (``dir``):
   fingerprint (module names + weight shapes, ``out x in`` as :mod:`rankwise.layers` sees them)
   checked before anything is loaded. ``adapter_name`` records the name it had (informative:
   ``load_adapter`` takes the name to load it under).
-- ``adapter_model.safetensors``: adapter tensors only, keyed ``<module name>.<tensor name>``
+- ``rankwise_adapter.safetensors``: adapter tensors only, keyed ``<module name>.<tensor name>``
   (e.g. ``model.layers.0.self_attn.q_proj.lora_A``). A tensor shared by several layers is
   stored once; the others are listed in ``tied`` and re-tied on load.
+
+and, when the adapter is exactly expressible in PEFT (``export_peft`` with
+``require_exact=True`` succeeds: LoRA factors or the method's own PEFT format), PEFT's
+``adapter_config.json`` / ``adapter_model.safetensors`` beside them, so
+``peft.PeftModel.from_pretrained(base, dir)`` loads the same model. PEFT's file names are never
+used for anything but PEFT's format (an older rankwise wrote its own format under them:
+:func:`load_adapter` still reads such a directory).
 
 :func:`load_adapter` validates the directory, JSON, safetensors, methods, module names,
 shapes and tensor keys first and raises a RankwiseError with the base model untouched;
@@ -45,14 +52,18 @@ from rankwise.adapters.api import (
     rewrite_bases,
 )
 from rankwise.adapters.base import ADAPTERS, RANK, AdapterLayer, check_adapter_name, supported_kind_check
+from rankwise.adapters.peft_format import CONFIG_FILE as PEFT_CONFIG_FILE
+from rankwise.adapters.peft_format import WEIGHTS_FILE as PEFT_WEIGHTS_FILE
 from rankwise.errors import RankwiseError
 from rankwise.files import read_json_object
 from rankwise.layers import features, layer_kind
 
 FORMAT = "rankwise-adapter"
 VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "rankwise_adapter.json"
+WEIGHTS_FILE = "rankwise_adapter.safetensors"
+#: where rankwise < 0.2 wrote its own format (PEFT's names): still read by load_adapter
+LEGACY_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -61,8 +72,10 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for adapter ``adapter_name`` of
-    ``model`` (default: the active adapter -- with one adapter, the adapter)."""
+    """Write ``rankwise_adapter.json`` and ``rankwise_adapter.safetensors`` for adapter
+    ``adapter_name`` of ``model`` (default: the active adapter -- with one adapter, the adapter),
+    and PEFT's ``adapter_config.json`` / ``adapter_model.safetensors`` when that adapter is exactly
+    expressible in PEFT (else PEFT files left from an earlier save are removed)."""
     layers = require_adapters(model, "save an adapter", adapter_name)
     modules = {}
     for name, layer in layers.items():
@@ -94,11 +107,38 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     (path / CONFIG_FILE).write_text(text + "\n")
+    _save_peft_if_exact(model, path, adapter_name)
+
+
+def _save_peft_if_exact(model: nn.Module, path: Path, adapter_name: str | None) -> None:
+    from rankwise.adapters.peft_export import export_peft
+
+    try:
+        export_peft(model, path, require_exact=True, adapter_name=adapter_name)
+    except RankwiseError:  # not a LoRA update PEFT can hold exactly: rankwise's files only
+        for name in LEGACY_FILES:
+            (path / name).unlink(missing_ok=True)
+
+
+def _files(path: Path) -> tuple[str, str]:
+    """``(config, weights)`` file names of rankwise's format in ``path``: its own, or the legacy
+    ones; a PEFT-only directory raises, naming import_peft."""
+    if (path / CONFIG_FILE).is_file() or not (path / PEFT_CONFIG_FILE).is_file():
+        return CONFIG_FILE, WEIGHTS_FILE
+    legacy = read_json_object(path, PEFT_CONFIG_FILE, what="adapter directory",
+                              fix="pass a directory written by save_adapter")
+    if legacy.get("format") != FORMAT:
+        raise RankwiseError(
+            f"{path} holds a PEFT adapter (adapter_config.json with peft_type {legacy.get('peft_type')!r}) and no "
+            f"{CONFIG_FILE}; load it with rankwise.import_peft(base_model, {str(path)!r})"
+        )
+    return LEGACY_FILES
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    config = read_json_object(path, CONFIG_FILE, what="adapter directory", fix="pass a directory written by save_adapter")
-    config_path = path / CONFIG_FILE
+    config_file, _ = _files(path)
+    config = read_json_object(path, config_file, what="adapter directory", fix="pass a directory written by save_adapter")
+    config_path = path / config_file
     if config.get("format") != FORMAT:
         raise RankwiseError(f"{config_path} is not a {FORMAT} config (format field missing or different)")
     if config.get("version") != VERSION:
@@ -116,7 +156,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    weights_path = path / WEIGHTS_FILE
+    weights_path = path / _files(path)[1]
     if not weights_path.is_file():
         raise RankwiseError(f"{weights_path} is missing; re-save the adapter with rankwise.save_adapter")
     try:

@@ -74,8 +74,14 @@ CONFIG_FIELDS = {
 def read_peft_config(path: Path) -> dict[str, Any]:
     """``adapter_config.json`` of the PEFT adapter in ``path``, checked: everything rankwise's lora
     layer cannot reproduce raises here, naming the field."""
-    config = read_json_object(path, CONFIG_FILE, what="PEFT adapter directory",
-                              fix="pass the directory PEFT's save_pretrained wrote")
+    rankwise_only = (path / "rankwise_adapter.json").is_file() and not (path / CONFIG_FILE).is_file()
+    config = {} if rankwise_only else read_json_object(path, CONFIG_FILE, what="PEFT adapter directory",
+                                                       fix="pass the directory PEFT's save_pretrained wrote")
+    if rankwise_only or config.get("format") == "rankwise-adapter":
+        raise RankwiseError(
+            f"{path} holds an adapter in rankwise's own format (written by rankwise.save_adapter), not PEFT's; load "
+            f"it with rankwise.load_adapter(base_model, {str(path)!r})"
+        )
     _check_peft_config(config, path / CONFIG_FILE)
     return config
 

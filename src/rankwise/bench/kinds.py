@@ -9,6 +9,7 @@ kind the same way with them; adding a kind is one function and one entry in ``KI
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,6 +35,11 @@ class SetUpContext:
     #: a copy of the run's training stream, for data-driven inits and calibration (None: no data)
     data_batches: TokenBatches | None
     steps: int
+    #: the submodule adapters go on ("" = the whole model; the encoder of a *ForMaskedLM)
+    adapter_root: str = ""
+    #: the run's loss on a batch of the full model, for data-driven inits of models that compute
+    #: no loss of their own (None: ``model(**batch).loss``)
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None
 
 
 @dataclass
@@ -68,11 +74,25 @@ def _data_for(needs_data: bool, context: SetUpContext) -> list[dict] | None:
         return None
     if context.data_batches is None:
         raise RankwiseError("this set-up's method is data-driven but the run gave it no data batches")
-    return [next(context.data_batches) for _ in range(DATA_BATCHES)]
+    batches = [next(context.data_batches) for _ in range(DATA_BATCHES)]
+    if context.loss_fn is not None:  # the model computes no loss: statistics read the inputs only
+        batches = [{"input_ids": batch["input_ids"]} for batch in batches]
+    return batches
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(setup: SetUp, model: nn.Module, default: str | None = None) -> torch.optim.Optimizer:
+    """The set-up's ``optimizer`` (else ``default``, else AdamW) on the trainable parameters: plain
+    ``torch.optim.AdamW`` for AdamW without options, else ``rankwise.optim.build``."""
+    from rankwise import optim
+
+    name = setup.optimizer or default or "adamw"
+    if name == "adamw" and not setup.optimizer_options:
+        return torch.optim.AdamW(_trainable(model), lr=setup.lr)
+    return optim.build(model, name, lr=setup.lr, **setup.optimizer_options)
 
 
 def _full(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
@@ -97,19 +117,21 @@ def _reference(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepare
 
 
 def _adapter(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
-    """``rankwise.adapt(method)``, then AdamW on the adapter (or the optimizer the method names,
-    or ``rankwise.optim.build`` with the set-up's ``optimizer_options``)."""
-    from rankwise import adapters, optim
+    """``rankwise.adapt(method)`` on the adapter root, then AdamW on the adapter (or the set-up's
+    ``optimizer``, or the optimizer the method names, through ``rankwise.optim.build`` with the
+    set-up's ``optimizer_options``)."""
+    from rankwise import adapters
 
     entry = adapters.ADAPTERS.entry(setup.method)
-    adapters.adapt(model, setup.method, **_rank_keyword(setup, context),
-                   data=_data_for(entry.needs_data, context), **setup.resolved_options(context.steps))
+    root = model.get_submodule(context.adapter_root) if context.adapter_root else model
+    extra: dict[str, Any] = {}
+    if entry.needs_data and context.loss_fn is not None and "loss_fn" in inspect.signature(adapters.adapt).parameters:
+        full_model, loss_fn = model, context.loss_fn
+        extra["loss_fn"] = lambda _root, batch: loss_fn(full_model, batch)
+    adapters.adapt(root, setup.method, **_rank_keyword(setup, context),
+                   data=_data_for(entry.needs_data, context), **extra, **setup.resolved_options(context.steps))
     # A method may name the optimizer its paper trains it with (LoRA-Pro); AdamW otherwise.
-    trainer = getattr(entry.obj, "training_optimizer", None)
-    if trainer is not None or setup.optimizer_options:
-        optimizer = optim.build(model, trainer or "adamw", lr=setup.lr, **setup.optimizer_options)
-    else:
-        optimizer = torch.optim.AdamW(_trainable(model), lr=setup.lr)
+    optimizer = _optimizer(setup, model, getattr(entry.obj, "training_optimizer", None))
     return Prepared(optimizer, (AdapterHooks(),))
 
 
@@ -123,7 +145,8 @@ def _quantized_adapter(setup: SetUp, model: nn.Module, context: SetUpContext) ->
 
 
 def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
-    """``rankwise.pretrain`` parametrisation ``method``, then AdamW; the parametrisation is a hook."""
+    """``rankwise.pretrain`` parametrisation ``method``, then AdamW (or the set-up's
+    ``optimizer``); the parametrisation is a hook."""
     from rankwise.pretrain import parametrisation
 
     rank = setup.resolved_rank(context.hidden_size)
@@ -131,12 +154,13 @@ def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepa
         raise RankwiseError(f"set-up {setup.name!r}: a parametrisation needs a rank (give --rank)")
     method = parametrisation(setup.method, rank=rank, **setup.resolved_options(context.steps))
     method.apply(model)
-    return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr), (method,))
+    return Prepared(_optimizer(setup, model), (method,))
 
 
 def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
     """``rankwise.compress(method, ratio)`` of the model (calibrated on the run's own batches when
-    the method is data-driven), then AdamW on every trainable parameter (the factors included)."""
+    the method is data-driven), then AdamW (or the set-up's ``optimizer``) on every trainable
+    parameter (the factors included)."""
     from rankwise.compress import COMPRESSORS, compress
 
     if setup.ratio is None:
@@ -145,7 +169,7 @@ def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared
     with torch.no_grad():
         compress(model, setup.method, ratio=setup.ratio, data=_data_for(entry.needs_data, context),
                           **setup.resolved_options(context.steps))
-    return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr))
+    return Prepared(_optimizer(setup, model))
 
 
 #: set-up kind -> the preparation that applies it
@@ -161,9 +185,10 @@ KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
 
 
 def prepare(
-    setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches | None, steps: int
+    setup: SetUp, model: nn.Module, hidden_size: int, data_batches: TokenBatches | None, steps: int,
+    *, adapter_root: str = "", loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
 ) -> Prepared:
     """Apply ``setup`` to ``model`` in place; return the optimizer and hooks that train it for ``steps``."""
     if setup.kind not in KINDS:
         raise RankwiseError(f"set-up {setup.name!r} has unknown kind {setup.kind!r}; known: {', '.join(KINDS)}")
-    return KINDS[setup.kind](setup, model, SetUpContext(hidden_size, data_batches, steps))
+    return KINDS[setup.kind](setup, model, SetUpContext(hidden_size, data_batches, steps, adapter_root, loss_fn))

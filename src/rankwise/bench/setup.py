@@ -23,7 +23,7 @@ class SetUp:
 
     kind ``full``: AdamW on every parameter. ``optim``: ``rankwise.optim.build(name=method)``
     on every parameter. ``adapter``: ``rankwise.adapt(method)`` then AdamW on the adapter (or the optimizer the
-    method names, or ``rankwise.optim.build`` with ``optimizer_options``).
+    method names, or ``rankwise.optim.build(optimizer)`` with ``optimizer_options``).
     ``parametrize``: ``rankwise.pretrain.parametrize(method)`` then AdamW.
     ``reference``: a reference package's optimizer (``method`` names it in
     ``rankwise.bench.references.REFERENCES``) on the split ``optim`` uses.
@@ -42,6 +42,9 @@ class SetUp:
     default: bool = True
     #: extra ``rankwise.optim.build`` arguments for adapter set-ups (LoRA+'s ``loraplus_lr_ratio``)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    #: the ``rankwise.optim`` optimizer of adapter / parametrize / compress set-ups (None: the
+    #: method's own, else AdamW)
+    optimizer: str | None = None
     #: compress set-ups: the fraction of the targeted layers' weights kept
     ratio: float | None = None
 

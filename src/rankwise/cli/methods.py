@@ -33,14 +33,20 @@ class Pillar:
     kind: str  # what one of its methods is called in messages
     registry: Registry
     method_options: Callable[[str], dict[str, Option]]
+    label: str = ""  # its row label in the README's method table
 
 
 PILLARS: dict[str, Pillar] = {
-    "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, adapters.method_options),
-    "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, optim.method_options),
-    "pretrain": Pillar("pretrain", "pretraining parametrisation", PARAMETRISATIONS, parametrisation_options),
-    "compress": Pillar("compress", "compression method", COMPRESSORS, compressor_options),
-    "analyze": Pillar("analyze", "diagnostic", DIAGNOSTICS, diagnostic_options),
+    "adapters": Pillar("adapters", "adapter method", adapters.ADAPTERS, adapters.method_options,
+                       "adapters (`rankwise.methods()`)"),
+    "optim": Pillar("optim", "optimizer", optim.OPTIMIZERS, optim.method_options,
+                    "optimizers (`rankwise.optim.names()`)"),
+    "pretrain": Pillar("pretrain", "pretraining parametrisation", PARAMETRISATIONS, parametrisation_options,
+                       "pretraining (`rankwise.pretrain`)"),
+    "compress": Pillar("compress", "compression method", COMPRESSORS, compressor_options,
+                       "compression (`rankwise.compress`)"),
+    "analyze": Pillar("analyze", "diagnostic", DIAGNOSTICS, diagnostic_options,
+                      "diagnostics (`rankwise.analyze`)"),
 }
 
 
@@ -69,6 +75,14 @@ def format_listing(rows: list[dict[str, str]]) -> str:
     widths = {c: max([len(c)] + [len(row[c]) for row in rows]) for c in columns[:-1]}
     lines = ["  ".join(c.ljust(widths.get(c, 0)) for c in columns).rstrip()]
     lines += ["  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The README's method table: one row per pillar, every registered name (``rankwise methods --markdown``)."""
+    lines = ["| pillar | registered methods |", "|---|---|"]
+    for pillar in PILLARS.values():
+        lines.append(f"| {pillar.label} | {', '.join(f'`{name}`' for name in pillar.registry.names())} |")
     return "\n".join(lines)
 
 
@@ -110,12 +124,21 @@ class HelpMethod(argparse.Action):
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("methods", help="list every pillar's methods with family and paper")
-    parser.add_argument("pattern", nargs="?", default=None, help="shell-style name pattern, e.g. 'lora*'")
-    parser.add_argument("--pillar", default=None, help="adapters, optim, pretrain, compress or analyze")
+    parser.add_argument("pattern", nargs="?", default=None,
+                        help="shell-style name pattern, e.g. 'lora*' (default: every name)")
+    parser.add_argument("--pillar", default=None,
+                        help="adapters, optim, pretrain, compress or analyze (default: every pillar)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README's method table (every registered name per pillar) instead")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.markdown:
+        if args.pattern or args.pillar:
+            raise RankwiseError("--markdown prints every pillar's methods; drop the pattern and --pillar")
+        print(markdown_table())
+        return 0
     rows = listing(args.pillar, args.pattern)
     if not rows:
         raise RankwiseError(f"no method matches {args.pattern!r}" + (f" in {args.pillar}" if args.pillar else ""))

@@ -1,13 +1,20 @@
 """Token streams and batches for causal language modelling.
 
 Documents are tokenised and concatenated into one 1-D stream, each document closed by the
-end-of-sequence token (and opened by BOS when the tokenizer has a distinct one), so a window
-may cross a document boundary exactly as in GPT-style pretraining.
+tokenizer's separator -- its end-of-sequence token, else its ``[SEP]`` token (BERT-style
+encoders have no EOS), else nothing -- and opened by its BOS token when it has a distinct one
+(else by ``[CLS]`` when it has one), so a window may cross a document boundary exactly as in
+GPT-style pretraining.
 
 * :class:`TokenBatches` -- an endless iterator of random windows ``tokens[s : s + T]``,
   ``s ~ Uniform{0, ..., N - T}``, drawn with its own ``torch.Generator``: the sequence depends
   only on the seed and can be saved and resumed with ``state_dict`` / ``load_state_dict``.
 * :func:`eval_batches` -- fixed non-overlapping windows spread evenly over the stream.
+* :class:`MaskedBatches` / :func:`masked_eval_batches` -- the same windows with BERT's masking
+  (arXiv 1810.04805): 15% of the non-special positions are chosen, 80% of them replaced by the
+  mask token, 10% by a random token, 10% left as they are; ``labels`` hold the original token at
+  the chosen positions and -100 elsewhere (the masked-LM and hidden-state objectives of
+  :mod:`rankwise.training`).
 
 ``labels`` equal ``input_ids``: ``transformers`` causal LMs shift them internally, so the loss
 is the mean of ``-log p(x_{t+1} | x_{<=t})`` over the ``T - 1`` predicted tokens of each row.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,13 +38,27 @@ from rankwise.errors import RankwiseError
 _ENCODE_CHUNK = 256  # documents per tokenizer call: bounded memory, parallel inside the fast tokenizer
 
 
+def separator_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """``(prefix, suffix)``: the token ids put before and after every document.
+
+    Suffix: the EOS token, else the ``[SEP]`` token, else none. Prefix: the BOS token when it is
+    distinct from the suffix, else the ``[CLS]`` token when there is one, else none.
+    """
+    eos, sep = tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None)
+    closing = eos if eos is not None else sep
+    bos, cls = tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)
+    opening = bos if bos is not None and bos != closing else (cls if cls is not None and cls != closing else None)
+    return ([] if opening is None else [opening]), ([] if closing is None else [closing])
+
+
 def _tokenizer_digest(tokenizer) -> str | None:
     """Hash identifying a fast tokenizer's behaviour (its JSON plus the special ids we insert)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
     hasher = hashlib.sha256(backend.to_str().encode("utf-8"))
-    hasher.update(f"eos={tokenizer.eos_token_id};bos={tokenizer.bos_token_id}".encode())
+    prefix, suffix = separator_ids(tokenizer)
+    hasher.update(f"prefix={prefix};suffix={suffix}".encode())
     return hasher.hexdigest()[:12]
 
 
@@ -51,11 +73,7 @@ def _embedded_part(documents: Sequence[str]) -> tuple[str, str] | None:
 
 
 def _encode(documents: Sequence[str], tokenizer) -> np.ndarray:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise RankwiseError("the tokenizer has no eos_token; set tokenizer.eos_token so documents can be separated")
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and bos != eos else []
+    prefix, suffix = separator_ids(tokenizer)
     stream: list[int] = []
     for start in range(0, len(documents), _ENCODE_CHUNK):
         chunk = list(documents[start : start + _ENCODE_CHUNK])
@@ -63,13 +81,14 @@ def _encode(documents: Sequence[str], tokenizer) -> np.ndarray:
         for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             stream.extend(prefix)
             stream.extend(ids)
-            stream.append(eos)
+            stream.extend(suffix)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     return np.asarray(stream, dtype=dtype)
 
 
 def encode_documents(documents: Sequence[str], tokenizer) -> torch.Tensor:
-    """Tokenise ``documents`` into one 1-D ``LongTensor``: ``[bos] doc_1 eos [bos] doc_2 eos ...``.
+    """Tokenise ``documents`` into one 1-D ``LongTensor``: ``[bos] doc_1 eos [bos] doc_2 eos ...``
+    (separators: :func:`separator_ids`).
 
     When ``documents`` are one part of the embedded corpus and the tokenizer is a fast one, the
     stream is cached in ``cache_dir()/tokens-<tokenizer hash>-<corpus fingerprint>/<split>-<part>.npy``.
@@ -175,6 +194,83 @@ def eval_batches(
     starts = window_ids * seq_len
     tokens = tokens.long()
     return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, wanted, batch_size)]
+
+
+MASK_PROBABILITY = 0.15
+
+
+@dataclass(frozen=True)
+class Masking:
+    """BERT's masking of a tokenizer's batches (module docstring); ``special_ids`` are never chosen."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...] = ()
+    probability: float = MASK_PROBABILITY
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> Masking:
+        if tokenizer.mask_token_id is None:
+            raise RankwiseError(
+                "the tokenizer has no mask token, which masked-LM training needs; save the model's own tokenizer "
+                "(with its [MASK] token) in the model directory"
+            )
+        return cls(tokenizer.mask_token_id, len(tokenizer), tuple(sorted(set(tokenizer.all_special_ids))))
+
+    def apply(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``batch`` with chosen positions replaced (80 / 10 / 10) and ``labels`` = the original
+        tokens there, -100 elsewhere; at least one position per batch is chosen."""
+        original = batch["input_ids"]
+        allowed = ~torch.isin(original, torch.tensor(self.special_ids, dtype=original.dtype))
+        if not allowed.any():
+            raise RankwiseError(
+                "every token of a batch is a special token (unknown tokens count as special), so nothing can be "
+                "masked: the tokenizer does not cover this text -- use the model's own tokenizer"
+            )
+        draw = torch.rand(original.shape, generator=generator)
+        chosen = (draw < self.probability) & allowed
+        if not chosen.any() and allowed.any():
+            candidates = allowed.flatten().nonzero().flatten()
+            pick = candidates[torch.randint(0, candidates.numel(), (1,), generator=generator)]
+            chosen.view(-1)[pick] = True
+        kind = torch.rand(original.shape, generator=generator)
+        random_tokens = torch.randint(0, self.vocab_size, original.shape, generator=generator)
+        input_ids = torch.where(chosen & (kind < 0.8), torch.full_like(original, self.mask_token_id), original)
+        input_ids = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_tokens, input_ids)
+        labels = torch.where(chosen, original, torch.full_like(original, -100))
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class MaskedBatches(TokenBatches):
+    """:class:`TokenBatches` windows with :class:`Masking` applied by a second private generator
+    (seeded from ``seed``), saved and restored by ``state_dict`` like the window draws."""
+
+    def __init__(self, tokens: torch.Tensor, *, batch_size: int, seq_len: int, masking: Masking, seed: int = 0) -> None:
+        super().__init__(tokens, batch_size=batch_size, seq_len=seq_len, seed=seed)
+        self.masking = masking
+        self._mask_generator = torch.Generator().manual_seed(seed + 1)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.masking.apply(super().__next__(), self._mask_generator)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mask_generator_state": self._mask_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "mask_generator_state" not in state:
+            raise RankwiseError("this batch state was saved without masking; resume with the objective of the saved run")
+        super().load_state_dict(state)
+        self._mask_generator.set_state(state["mask_generator_state"])
+
+
+def masked_eval_batches(
+    tokens: torch.Tensor, *, batch_size: int, seq_len: int, masking: Masking, max_batches: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`eval_batches` with :class:`Masking` drawn once from ``seed``: the same masks every evaluation."""
+    generator = torch.Generator().manual_seed(seed)
+    windows = eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    return [masking.apply(batch, generator) for batch in windows]
 
 
 def _make_data(

@@ -16,7 +16,9 @@ validation part still holds ~27k characters). The assignment does not depend on 
 files are listed in or on the Python process.
 
 User data enters through :func:`load_text_files` (``.txt``: one document per file; ``.jsonl``:
-one document per line) and :func:`split_documents` (the same hash rule, on the text itself).
+one document per line) and :func:`split_documents` (the same hash rule, on the text itself);
+:func:`split_for_training` also takes a single document (one ``.txt`` file): by paragraphs
+when it has enough of them, else by size, and says how it split.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import re
 import sys
 import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from rankwise.errors import RankwiseError
@@ -231,7 +234,10 @@ def split_documents(
     if not 0.0 < validation_fraction < 1.0:
         raise RankwiseError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
     if len(documents) < 2:
-        raise RankwiseError(f"need at least 2 documents to split off a validation part, got {len(documents)}")
+        raise RankwiseError(
+            f"need at least 2 documents to split off a validation part, got {len(documents)}; "
+            "split_for_training also splits a single document (by paragraphs or by size)"
+        )
     scores = [_hash_fraction(doc) for doc in documents]
     in_validation = [score < validation_fraction for score in scores]
     if not any(in_validation):
@@ -241,3 +247,72 @@ def split_documents(
     train = [doc for doc, val in zip(documents, in_validation) if not val]
     validation = [doc for doc, val in zip(documents, in_validation) if val]
     return train, validation
+
+
+#: a single document is split by paragraphs when it has at least this many (else by size)
+MIN_PARAGRAPHS = 20
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """Training and validation documents and a sentence saying how they were split."""
+
+    train: list[str]
+    validation: list[str]
+    how: str
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _split_by_size(text: str, validation_fraction: float) -> tuple[str, str]:
+    """``(head, tail)`` with the tail about ``validation_fraction`` of the characters, cut at the
+    last line break (else whitespace) before that point so no line is cut in two."""
+    cut = int(len(text) * (1.0 - validation_fraction))
+    for boundary in ("\n", " "):
+        at = text.rfind(boundary, 0, cut)
+        if at > 0:
+            return text[: at + 1], text[at + 1 :]
+    return text[:cut], text[cut:]
+
+
+def split_for_training(
+    documents: Sequence[str], validation_fraction: float = VALIDATION_FRACTION
+) -> TrainingSplit:
+    """Training / validation parts of the user's documents, and how they were made.
+
+    Two or more documents: :func:`split_documents` (by a hash of each document's text). A single
+    document (one ``.txt`` file): its paragraphs (blocks separated by blank lines) are split the
+    same way when there are at least :data:`MIN_PARAGRAPHS` of them; otherwise the last
+    ``validation_fraction`` of its characters (cut at a line break) is held out.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise RankwiseError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    documents = [doc for doc in documents if doc.strip()]
+    if not documents:
+        raise RankwiseError("no non-empty documents to train on")
+    percent = f"{100 * validation_fraction:g}%"
+    if len(documents) >= 2:
+        train, validation = split_documents(documents, validation_fraction)
+        return TrainingSplit(train, validation, (
+            f"{_plural(len(documents), 'document')}: {len(train)} for training, {len(validation)} held out for "
+            f"validation (about {percent}, chosen by a hash of each document's text)"))
+    text = documents[0]
+    paragraphs = [part for part in _PARAGRAPH_BREAK.split(text) if part.strip()]
+    if len(paragraphs) >= MIN_PARAGRAPHS:
+        train, validation = split_documents(paragraphs, validation_fraction)
+        return TrainingSplit(train, validation, (
+            f"1 document split at blank lines into {len(paragraphs)} paragraphs: {len(train)} for training, "
+            f"{len(validation)} held out for validation (about {percent}, chosen by a hash of each paragraph)"))
+    head, tail = _split_by_size(text, validation_fraction)
+    if not head.strip() or not tail.strip():
+        raise RankwiseError(
+            "the text is too short to hold out a validation part; give more text (several paragraphs, or "
+            "several .txt / JSONL documents)"
+        )
+    return TrainingSplit([head], [tail], (
+        f"1 document with {_plural(len(paragraphs), 'paragraph')} (fewer than {MIN_PARAGRAPHS}, so split by size): "
+        f"the first {len(head):,} characters for training, the last {len(tail):,} (about {percent}, cut at a line "
+        "break) held out for validation"))

@@ -9,13 +9,19 @@
   renamed, so an interrupted build leaves nothing behind). The directory is a complete HF model
   directory (config, weights, tokenizer) plus ``rankwise_base.json`` with the recipe and its
   validation loss.
-* :func:`load_user_model` -- a local HF model directory (safetensors weights only).
+* :func:`load_model_dir` -- a local model directory (safetensors weights only): a Hugging Face
+  model (causal LM, encoder with or without its masked-LM head), or what a rankwise command
+  wrote (a model, a factorised model, an adapter over its base), with the objective it is
+  trained on; :func:`load_user_model` returns its ``(model, tokenizer)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from rankwise.cache import cache_dir
 from rankwise.data._cache import atomic_directory
 from rankwise.errors import RankwiseError
+from rankwise.files import read_json_object
 
 _COMMON = {
     "max_position_embeddings": 512,
@@ -175,35 +182,249 @@ def base_info(preset: str = "tiny", **kwargs: Any) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_user_model(path: str | Path) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a local Hugging Face model directory (no download).
+#: what a rankwise command writes beside its output (base, objective, set-up), so that the
+#: directory can be read back as ``--model`` (see :func:`load_model_dir`)
+RUN_FILE = "rankwise_run.json"
+RUN_FORMAT = "rankwise-run"
+#: the objectives a model directory is trained on (``rankwise.training``: CAUSAL_LM, MASKED_LM,
+#: hidden_state_fidelity)
+OBJECTIVES = ("causal-lm", "masked-lm", "hidden-states")
+_ADAPTER_FILES = ("rankwise_adapter.json", "adapter_config.json")
+_COMPRESSED_FILE = "rankwise_factorized.json"
 
-    Weights are read from safetensors only (never pickles). The tokenizer gets its eos token as
-    pad token when it has none, so batches can be padded.
+
+@dataclass
+class LoadedModel:
+    """A model read from a directory, what it is trained on, and where adapters go.
+
+    ``objective`` is one of :data:`OBJECTIVES`. ``adapter_root`` names the submodule adapters
+    are put on and saved relative to ("" = the whole model): the encoder inside a
+    ``*ForMaskedLM`` (its ``base_model_prefix``, e.g. ``bert``), so an encoder's adapter loads
+    onto ``AutoModel.from_pretrained(dir)``, the class a user of the encoder loads. ``how`` says
+    in one line what was loaded.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise RankwiseError(f"model directory {directory} does not exist; pass a local Hugging Face model directory")
+
+    model: nn.Module
+    tokenizer: Any
+    objective: str
+    adapter_root: str = ""
+    how: str = ""
+
+    @property
+    def adapter_module(self) -> nn.Module:
+        return self.model.get_submodule(self.adapter_root) if self.adapter_root else self.model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' loading warnings off (we probe classes whose heads may be missing on purpose)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _objective_of(config: Any) -> str | None:
+    """The objective the config's architecture names, None when it names no head (probe then)."""
+    for architecture in config.architectures or ():
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if architecture.endswith(("ForMaskedLM", "ForPreTraining")):
+            return "masked-lm"
+    return None
+
+
+def _is_encoder(config: Any) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def _from_pretrained(auto_class: Any, directory: Path) -> tuple[nn.Module, list[str]]:
+    with _quiet_transformers():
+        model, info = auto_class.from_pretrained(directory, local_files_only=True, use_safetensors=True,
+                                                 output_loading_info=True)
+    return model, list(info.get("missing_keys", []))
+
+
+def _load_hf_model(directory: Path) -> tuple[nn.Module, str, str, str]:
+    """``(model, objective, adapter_root, how)`` of a Hugging Face model directory.
+
+    A causal LM (``*ForCausalLM`` / ``*LMHeadModel``, or a decoder-only config): next-token
+    prediction. An encoder whose checkpoint has its masked-LM head (``*ForMaskedLM``, or
+    loadable as ``AutoModelForMaskedLM`` with no weight missing): masked-LM. Any other encoder
+    (a sentence-embedding model such as all-MiniLM-L6-v2 has no head): ``AutoModel`` with the
+    hidden-state fidelity objective.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    objective = _objective_of(config)
+    if objective is None and not _is_encoder(config):
+        objective = "causal-lm"
+    if objective == "causal-lm":
+        model, missing = _from_pretrained(AutoModelForCausalLM, directory)
+        if missing:
+            raise RankwiseError(
+                f"{directory} loads as {type(model).__name__} but the checkpoint lacks {missing[:3]} (a head?); "
+                "rankwise would train freshly initialised weights -- save the model with its language-model head"
+            )
+        return model, objective, "", f"{type(model).__name__} from {directory} (causal LM: next-token loss)"
+    if objective is None:  # an encoder saved without naming a head: does it hold the masked-LM head?
+        model, missing = _from_pretrained(AutoModelForMaskedLM, directory)
+        objective = "masked-lm" if not missing else "hidden-states"
+        if objective == "hidden-states":
+            del model
+    if objective == "masked-lm":
+        model, missing = _from_pretrained(AutoModelForMaskedLM, directory)
+        if missing:
+            raise RankwiseError(f"{directory} names a masked-LM head but the checkpoint lacks {missing[:3]}; "
+                                "save the model with its head")
+        root = model.base_model_prefix if hasattr(model, model.base_model_prefix or "") else ""
+        return model, objective, root, (f"{type(model).__name__} from {directory} (encoder with its masked-LM head: "
+                                        "masked-token loss)")
+    model, _ = _from_pretrained(AutoModel, directory)
+    return model, "hidden-states", "", (
+        f"{type(model).__name__} from {directory} (encoder without a language-model head: hidden-state fidelity "
+        "to the starting model on masked input)")
+
+
+def _check_hf_directory(directory: Path) -> None:
     if not (directory / "config.json").is_file():
         raise RankwiseError(
-            f"{directory} has no config.json; pass a directory written by save_pretrained (config + weights + tokenizer)"
+            f"{directory} has no config.json; pass a directory written by save_pretrained (config + weights + "
+            "tokenizer) or by a rankwise command's --out"
         )
     if not any(directory.glob("*.safetensors")):
         raise RankwiseError(
             f"{directory} has no .safetensors weights; rankwise does not load pickled checkpoints. Convert with "
             "model.save_pretrained(dir, safe_serialization=True)"
         )
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    if not _has_tokenizer(directory):
         raise RankwiseError(
             f"{directory} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the model's tokenizer there "
             "with tokenizer.save_pretrained(dir)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as error:
         raise RankwiseError(f"cannot load a tokenizer from {directory} ({error}); save one there with "
                             "tokenizer.save_pretrained(dir)") from None
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, use_safetensors=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def read_run_info(directory: str | Path) -> dict[str, Any] | None:
+    """The :data:`RUN_FILE` a rankwise command wrote in ``directory``, or None."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RankwiseError(f"{path} is not valid JSON ({exc}); delete it or re-run the command that wrote it") from None
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise RankwiseError(f"{path} is not a {RUN_FORMAT} file; delete it or re-run the command that wrote it")
+    return info
+
+
+def load_base_reference(reference: dict[str, Any]) -> LoadedModel:
+    """The base a run started from, as :data:`RUN_FILE` records it: ``{"embedded": preset,
+    "base_steps": n}`` (the cached embedded base, rebuilt if the cache was cleared) or
+    ``{"path": dir}`` (a model directory, read with :func:`load_model_dir`)."""
+    if "embedded" in reference:
+        from rankwise.data.tokenizer import get_tokenizer
+
+        model = load_base(reference["embedded"], steps=reference.get("base_steps"))
+        return LoadedModel(model, get_tokenizer(), "causal-lm", "",
+                           f"the embedded {reference['embedded']} base")
+    if "path" in reference:
+        return load_model_dir(reference["path"])
+    raise RankwiseError(f"unknown base reference {reference!r}; expected 'embedded' or 'path'")
+
+
+def _load_adapter_directory(directory: Path, run: dict[str, Any] | None) -> LoadedModel:
+    """An adapter directory (rankwise's or PEFT's) merged into the base it was trained on."""
+    from rankwise import adapters
+
+    if run is not None and isinstance(run.get("base"), dict):
+        reference = run["base"]
+    else:
+        peft_config = read_json_object(directory, "adapter_config.json", what="adapter directory",
+                                       fix="pass a directory written by save_adapter or by PEFT")
+        base_path = peft_config.get("base_model_name_or_path")
+        if not base_path or not Path(base_path).is_dir():
+            raise RankwiseError(
+                f"{directory} is an adapter directory whose base ({base_path!r}) is not a local directory; "
+                "load the base and the adapter yourself (rankwise.load_adapter / import_peft), or pass the base "
+                "as --model"
+            )
+        reference = {"path": base_path}
+    base = load_base_reference(reference)
+    root = base.adapter_module
+    if (directory / "rankwise_adapter.json").is_file() or _is_rankwise_config(directory / "adapter_config.json"):
+        adapters.load_adapter(root, directory)
+    else:
+        adapters.import_peft(root, directory)
+    adapters.unload(root)
+    tokenizer = _load_tokenizer(directory) if _has_tokenizer(directory) else base.tokenizer
+    return LoadedModel(base.model, tokenizer, base.objective, base.adapter_root,
+                       f"the adapter in {directory} merged into {base.how}")
+
+
+def _is_rankwise_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == "rankwise-adapter"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_model_dir(path: str | Path) -> LoadedModel:
+    """A model from a local directory (no download), whatever wrote it:
+
+    - a Hugging Face model directory (config, safetensors weights, tokenizer): the class and
+      objective follow the model type (see :func:`_load_hf_model`);
+    - a directory written by ``rankwise compress`` / ``pretrain --parametrize`` (factorised
+      layers, ``rankwise_factorized.json``): :func:`rankwise.load_compressed`;
+    - an adapter directory (``rankwise finetune --method ... --out``, ``save_adapter``, or a
+      PEFT adapter whose base is a local directory): the base it names, with the adapter
+      merged in.
+
+    Weights are read from safetensors only (never pickles). The tokenizer gets its eos token
+    as pad token when it has none, so batches can be padded.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise RankwiseError(f"model directory {directory} does not exist; pass a local Hugging Face model directory")
+    run = read_run_info(directory)
+    if not (directory / "config.json").is_file() and any((directory / n).is_file() for n in _ADAPTER_FILES):
+        return _load_adapter_directory(directory, run)
+    if (directory / _COMPRESSED_FILE).is_file():
+        from rankwise.compress import load_compressed
+
+        model = load_compressed(directory)
+        tokenizer = _load_tokenizer(directory)
+        return LoadedModel(model, tokenizer, "causal-lm", "", f"the factorised {type(model).__name__} in {directory}")
+    _check_hf_directory(directory)
+    tokenizer = _load_tokenizer(directory)
+    model, objective, root, how = _load_hf_model(directory)
+    return LoadedModel(model, tokenizer, objective, root, how)
+
+
+def load_user_model(path: str | Path) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of :func:`load_model_dir`."""
+    loaded = load_model_dir(path)
+    return loaded.model, loaded.tokenizer

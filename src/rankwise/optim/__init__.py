@@ -12,6 +12,7 @@ update rule, the sealed step and its hooks) and the guide to adding a method are
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,14 @@ def build(
 
     ``loraplus_lr_ratio`` (LoRA+, :mod:`rankwise.optim.loraplus`): on an adapted model, the
     adapters' B factors get ``lr * loraplus_lr_ratio`` in group 1, everything else ``lr`` in group 0.
+
+    On an adapted model the trainable parameters are the adapters' (see
+    :func:`split_parameters`), so every optimizer trains the adapter; one that cannot move an
+    all-zero weight (weight-normalised: ``gradnorm_lorp``) refuses a projected weight that is
+    zero (LoRA's ``B`` at init). A projected group whose
+    ``rank`` is at least the smaller side of some of its weights warns (RuntimeWarning): the
+    projection keeps the whole gradient there, and the projector's state comes on top of
+    moments as large as AdamW's.
     """
     if layerwise:
         accumulation_steps = check_layerwise(model, accumulation_steps, hparams)
@@ -87,4 +96,39 @@ def build(
         optimizer = build_loraplus(model, name, lr=lr, ratio=loraplus_lr_ratio, targets=targets, **hparams)
     else:
         optimizer = optimizer_class.from_model(model, lr=lr, targets=targets, **hparams)
+    _refuse_frozen_zeros(optimizer, optimizer_class, name)
+    _warn_if_full_rank(optimizer, name)
     return LayerwiseOptimizer(optimizer, accumulation_steps=accumulation_steps) if layerwise else optimizer
+
+
+def _warn_if_full_rank(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """RuntimeWarning when a projected group's rank >= min(m, n) of some of its weights (see :func:`build`)."""
+    for group in optimizer.param_groups:
+        rank = group.get("rank")
+        if rank is None:
+            continue
+        full = [p for p in group["params"] if p.ndim == 2 and rank >= min(p.shape)]
+        if full:
+            shape = tuple(full[0].shape)
+            warnings.warn(
+                f"{name}: rank {rank} >= min(m, n) for {len(full)} of the {len(group['params'])} projected weights "
+                f"(e.g. {shape[0]} x {shape[1]}): the projection keeps their whole gradient, so they keep moments as "
+                "large as AdamW's plus the projector's state -- more optimizer state than AdamW. Use a rank below "
+                f"{min(shape)} (a quarter of it is common) or leave those layers out of the targets",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _refuse_frozen_zeros(optimizer: torch.optim.Optimizer, optimizer_class: type, name: str) -> None:
+    """RankwiseError when the optimizer cannot move an all-zero weight and group 0 holds one."""
+    if not getattr(optimizer_class, "zero_weights_stay_zero", False) or not optimizer.param_groups:
+        return
+    zero = [p for p in optimizer.param_groups[0]["params"] if p.ndim == 2 and not p.detach().any()]
+    if zero:
+        described = getattr(optimizer, "param_name", lambda p: f"a {tuple(p.shape)} weight")(zero[0])
+        raise RankwiseError(
+            f"{name} weight-normalises each row, so an all-zero weight has no direction and never moves; "
+            f"{len(zero)} projected weights are zero (e.g. {described}, as LoRA's B at init). Train such an adapter "
+            "with another optimizer, or use an adapter whose factors start non-zero (pissa, olora)"
+        )

@@ -41,18 +41,66 @@ from rankwise.targets import Targets, match_targets
 OPTIMIZERS: Registry[type] = Registry("optimizer")
 
 
+def _adapter_matrices(model: nn.Module, base_names: set[str]) -> list[tuple[str, nn.Parameter]]:
+    """Named trainable 2-D parameters of the adapter layers whose base is among ``base_names``."""
+    from rankwise.adapters.base import AdapterLayer  # the optimizers do not need adapters to import
+
+    found = []
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, AdapterLayer) and f"{layer_name}.base" in base_names:
+            for param_name, param in layer.named_parameters():
+                if param.requires_grad and param.ndim == 2 and not param_name.startswith("base."):
+                    found.append((f"{layer_name}.{param_name}", param))
+    return found
+
+
 def split_parameters(
     model: nn.Module, targets: Targets = "all-linear"
 ) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Parameter]]:
     """``(projected, others)``: named trainable weights of the targeted Linear layers, and the
-    remaining trainable parameters (a tied / shared parameter appears once)."""
+    remaining trainable parameters (a tied / shared parameter appears once).
+
+    On an adapted model (``rankwise.adapt``) the targeted layers' own weights are frozen and
+    the trainable parameters are the adapters': the projected group then holds the 2-D
+    adapter parameters of the targeted layers (LoRA's ``A`` and ``B``: a projected optimizer's
+    rank is at most their smaller side, the adapter rank), the others everything else that
+    trains. A quantized base layer (bitsandbytes 4-bit / 8-bit) holds no full-precision weight
+    an optimizer could update: targeting only such layers of a model without adapters raises.
+    """
+    from rankwise.layers import is_quantized, layer_kind
+
     projected: list[tuple[str, nn.Parameter]] = []
     chosen: set[int] = set()
-    for module_name in match_targets(model, targets):
-        weight = model.get_submodule(module_name).weight
+    names = match_targets(model, targets)
+    quantized: dict[str, str] = {}
+    for module_name in names:
+        module = model.get_submodule(module_name)
+        if is_quantized(module):
+            quantized[module_name] = layer_kind(module)
+            continue
+        weight = module.weight
         if weight.requires_grad and id(weight) not in chosen:
             chosen.add(id(weight))
             projected.append((f"{module_name}.weight", weight))
+    if not projected:
+        for name, param in _adapter_matrices(model, set(names)):
+            if id(param) not in chosen:
+                chosen.add(id(param))
+                projected.append((name, param))
+    trained_quantized = [n for n, m in model.named_modules() if is_quantized(m) and m.weight.requires_grad]
+    if trained_quantized:
+        raise RankwiseError(
+            f"{trained_quantized[0]} (and {len(trained_quantized) - 1} more) are quantized layers whose weight is "
+            "marked trainable; an optimizer cannot update quantized weights -- freeze them "
+            "(requires_grad_(False)) and train adapters on them (QLoRA)"
+        )
+    if not projected and quantized:
+        kinds = ", ".join(sorted(set(quantized.values())))
+        raise RankwiseError(
+            f"targets {targets!r} matched {len(quantized)} quantized layers ({kinds}) and nothing trainable: an "
+            "optimizer updates full-precision weights, which a quantized base does not have. Put adapters on it "
+            "(rankwise.adapt, QLoRA) and optimize those, or load the model unquantized"
+        )
     if not projected:
         raise RankwiseError(
             f"targets {targets!r} matched only frozen Linear layers; unfreeze them or choose other targets"

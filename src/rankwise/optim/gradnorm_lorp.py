@@ -106,6 +106,8 @@ class GradNormLoRPAdamW(LowRankAdamW):
     projector = SVDProjector()
     update_rule = DropResidual()
     OPTIONS = SUBSPACE
+    #: an all-zero weight has no direction and never moves (rankwise.optim.build refuses it)
+    zero_weights_stay_zero = True
 
     def reparametrise(
         self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: Mapping[str, Any]
