@@ -8,8 +8,7 @@
 It holds ``rank * (in + out)`` weights instead of ``in * out`` (plus the same optional bias
 on ``up``), and costs two thin matrix products instead of one dense one. It may stand in for
 any Linear-like layer (``nn.Linear``, transformers' ``Conv1D``): ``source_kind`` remembers
-which, so :meth:`FactorizedLinear.to_dense_module` (and ``rankwise.densify``) gives back a
-layer of the original kind.
+which, so ``rankwise.densify`` gives back a layer of the original kind.
 
 :func:`select_linear_layers` picks the dense layers a method should replace (through
 :func:`rankwise.targets.match_targets`; ``nn.Linear`` by default, every Linear-like kind with
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
-from rankwise.layers import Conv1D
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import truncated_svd
 from rankwise.targets import Targets, match_targets
@@ -126,18 +124,6 @@ class FactorizedLinear(nn.Module):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
-
-    def to_dense_module(self) -> nn.Module:
-        """A dense layer of the kind this one replaced (``nn.Linear``, or ``Conv1D`` with its
-        ``in x out`` weight) computing the same map; Conv1D always has a bias (zero when absent)."""
-        linear = self.to_linear()
-        if self.source_kind == "linear":
-            return linear
-        conv = Conv1D(self.out_features, self.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(linear.weight.T)
-            conv.bias.copy_(linear.bias if linear.bias is not None else torch.zeros_like(conv.bias))
-        return conv.train(self.training)
 
     def factor_parameters(self) -> int:
         """Weights in the two factors, ``rank * (in + out)`` (the bias is not counted)."""

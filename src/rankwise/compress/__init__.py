@@ -22,7 +22,7 @@ from rankwise.compress.plan import CompressionPlan
 from rankwise.compress.io import load_compressed, save_compressed
 
 #: every method module; importing one registers it
-METHOD_MODULES = ("svd",)
+METHOD_MODULES = ("svd", "asvd", "fwsvd", "svd_llm", "welore", "modegpt")
 for _name in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 del _name

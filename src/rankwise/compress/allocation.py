@@ -200,6 +200,23 @@ def _choose(costs: dict[str, list[tuple[int, int, float]]], multiplier: float) -
     return {name: min(options, key=lambda o: o[2] + multiplier * o[1]) for name, options in costs.items()}
 
 
+def _fill(options: dict[str, list[tuple[int, int, float]]], chosen: dict[str, tuple[int, int, float]],
+          budget: float) -> dict[str, tuple[int, int, float]]:
+    """Spend the budget the Lagrangian's discrete choice leaves: repeatedly take the upgrade (a
+    larger candidate of one layer) with the largest loss decrease per added weight that still fits."""
+    chosen = dict(chosen)
+    spare = budget - sum(cost for _, cost, _ in chosen.values())
+    while True:
+        upgrades = [((now[2] - new[2]) / (new[1] - now[1]), name, new)
+                    for name, now in chosen.items() for new in options[name]
+                    if new[1] > now[1] and new[2] < now[2] and new[1] - now[1] <= spare]
+        if not upgrades:
+            return chosen
+        _, name, new = max(upgrades)
+        spare -= new[1] - chosen[name][1]
+        chosen[name] = new
+
+
 def sensitivity(context: AllocationContext) -> Allocation:
     model = context.model
     was_training = model.training
@@ -237,7 +254,7 @@ def sensitivity(context: AllocationContext) -> Allocation:
     for _ in range(100):
         middle = (low + high) / 2
         low, high = (low, middle) if total(_choose(options, middle)) <= context.budget else (middle, high)
-    chosen = _choose(options, high)
+    chosen = _fill(options, _choose(options, high), context.budget)
     return Allocation(
         {name: rank for name, (rank, _, _) in chosen.items()},
         {"multiplier": high, "base_objective": base,

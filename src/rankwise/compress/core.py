@@ -136,8 +136,9 @@ class Compressor(ABC):
         """Settings the allocation reads from the method's options (WeLore's ``min_ratio``)."""
         return {}
 
-    def refit(self, model: nn.Module, replaced: dict[str, nn.Module], job: CompressionJob) -> None:
-        """After the swap: adjust the new modules on the compressed model's own activations (default none)."""
+    def refit(self, model: nn.Module, swapped: dict[str, tuple[nn.Module, nn.Module]], job: CompressionJob) -> None:
+        """After the swap (``swapped``: name -> (original module, its replacement, now in the model)):
+        adjust the replacements on the compressed model's own activations (default: nothing)."""
 
     # ----- the steps compress runs --------------------------------------------------------------
 
@@ -301,7 +302,7 @@ def compress(
         replacements = compressor.build(job, plan, stats)
     originals = {name: replace_module(model, name, module) for name, module in replacements.items()}
     try:
-        compressor.refit(model, replacements, job)
+        compressor.refit(model, {name: (originals[name], replacements[name]) for name in replacements}, job)
     except BaseException:
         for name, module in originals.items():
             replace_module(model, name, module)

@@ -85,7 +85,8 @@ def weight_fisher(
             module.weight.requires_grad_(True)
         model.eval()
         for index, batch in enumerate(data):
-            batch_loss(model, batch, index, loss_fn, need).backward()
+            with torch.enable_grad():  # compress plans under no_grad
+                batch_loss(model, batch, index, loss_fn, need).backward()
             for name, module in modules.items():
                 grad = module.weight.grad
                 if grad is not None:
