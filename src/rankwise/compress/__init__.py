@@ -18,23 +18,28 @@ from rankwise.compress.core import (
     plan_ranks,
     rank_for_ratio,
 )
+from rankwise.compress.compensate import COMPENSATORS, compensate
 from rankwise.compress.plan import CompressionPlan
 from rankwise.compress.io import load_compressed, save_compressed
+from rankwise.compress.lrc import trainable_lrc
 
 #: every method module; importing one registers it
-METHOD_MODULES = ("svd", "asvd", "fwsvd", "svd_llm", "welore", "modegpt")
+METHOD_MODULES = ("svd", "asvd", "fwsvd", "svd_llm", "welore", "modegpt", "eora")
 for _name in METHOD_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 del _name
 
 __all__ = [
+    "COMPENSATORS",
     "COMPRESSORS",
     "CompressionPlan",
     "Compressor",
+    "compensate",
     "compress",
     "load_compressed",
     "method_options",
     "plan_ranks",
     "rank_for_ratio",
     "save_compressed",
+    "trainable_lrc",
 ]
