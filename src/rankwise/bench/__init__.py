@@ -16,7 +16,7 @@ import torch
 
 from rankwise.bench.report import format_table, write_results
 from rankwise.bench.runner import RunConfig, Workload, bench_device, run_setup
-from rankwise.bench.suites import SUITE_WORKLOAD, SUITES, SetUp, select_setups
+from rankwise.bench.suites import SUITE_RUNS, SUITE_WORKLOAD, SUITES, SetUp, SuiteRun, select_setups
 from rankwise.errors import RankwiseError
 
 #: bench preset -> (model preset, run configuration, whether non-default set-ups run too)
@@ -109,6 +109,7 @@ def run_bench(
     plan = {suite: select_setups(suite, list(setups) if setups else None, include_all) for suite in suites}
 
     results: dict[str, list[dict[str, Any]]] = {}
+    written: list[Path] = []
     total = sum(len(v) for v in plan.values()) * config.steps
     with tqdm(total=total, desc="bench", unit="step", disable=not show_progress) as bar:
         for suite, suite_setups in plan.items():
@@ -122,6 +123,9 @@ def run_bench(
                 rows.append(row)
             results[suite] = rows
             print("\n" + format_table(rows, title=f"== {suite} ({workload.name}, {config.steps} steps) =="))
+            if suite in SUITE_RUNS:
+                written += SUITE_RUNS[suite](SuiteRun(config, model_preset, Path(out), base_steps, model_dir,
+                                                      data_files, show_progress))
     meta = {
         "preset": preset,
         "model_preset": model_preset if model_dir is None else model_dir,
@@ -132,7 +136,7 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "device": str(bench_device()),
     }
-    paths = write_results(Path(out), results, meta)
+    paths = write_results(Path(out), results, meta) + written
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return results
 

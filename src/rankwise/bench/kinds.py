@@ -139,6 +139,15 @@ def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared
     return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr))
 
 
+def _compress_lrc(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """WeLore's fine-tuning: ``rankwise.compress(method, ratio)``, then AdamW on the low-rank components'
+    factors only (``rankwise.compress.trainable_lrc``: the dense N-LRC layers, embeddings and norms frozen)."""
+    from rankwise.compress import trainable_lrc
+
+    _compress(setup, model, context)
+    return Prepared(torch.optim.AdamW(trainable_lrc(model), lr=setup.lr))
+
+
 #: set-up kind -> the preparation that applies it
 KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
     "full": _full,
@@ -147,6 +156,7 @@ KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
     "adapter": _adapter,
     "parametrize": _parametrize,
     "compress": _compress,
+    "compress_lrc": _compress_lrc,
 }
 
 

@@ -16,6 +16,7 @@ from rankwise.cli.common import (
 )
 from rankwise.cli.methods import method_values
 from rankwise.cli.options import parse_targets
+from rankwise.errors import RankwiseError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default=None, help="adapter method (rankwise.methods()); omit for full fine-tuning")
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--targets", default="all-linear", help="adapter targets: all-linear, suffixes, re:<regex>")
+    parser.add_argument("--welore-lrc-only", type=float, nargs="?", const=0.5, default=None, metavar="RATIO",
+                        help="WeLore: compress the base to RATIO of its weights (default 0.5) and fine-tune only "
+                             "its low-rank components (rankwise.compress.trainable_lrc)")
     add_method_arguments(parser, ("adapters", "optim"), "--method, else --optim",
                           {"adapters": "--method-args k=v,...",
                            "optim": "--optim-args k=v,...; also --method-args when there is no --method"})
@@ -35,7 +39,13 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.adapters import save_adapter
 
     config = run_config(args)
-    if args.method:
+    if args.welore_lrc_only is not None:
+        if args.method or args.optim != "adamw" or args.optim_args:
+            raise RankwiseError("--welore-lrc-only fine-tunes the compressed base's low-rank components with AdamW "
+                                "(WeLore's recipe); drop --method / --optim / --optim-args")
+        setup = SetUp(f"welore {args.welore_lrc_only} LRC only", "compress_lrc", "welore", lr=args.lr or 3e-4,
+                      ratio=args.welore_lrc_only)
+    elif args.method:
         options = {**method_values("adapters", args.method, args.method_args), "targets": parse_targets(args.targets)}
         if args.alpha is not None:
             options["alpha"] = args.alpha
@@ -44,7 +54,12 @@ def run(args: argparse.Namespace) -> int:
         setup = optim_setup(args, f"full fine-tuning {args.optim}", default_lr=3e-4, method_args=True)
     _, model = train_and_report(setup, make_workload(args, "finetune", config, from_base=True), config)
     if args.out:
-        if args.method:
+        if args.welore_lrc_only is not None:
+            from rankwise.compress import save_compressed
+
+            save_compressed(model, args.out)
+            print(f"saved the fine-tuned compressed model to {args.out} (rankwise.load_compressed)")
+        elif args.method:
             save_adapter(model, args.out)
             print(f"saved the adapter to {args.out}")
         else:
