@@ -226,8 +226,13 @@ def load_compressed(directory: str | Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         _install_shells(model, manifest["modules"], dtype)
     _check_weights(model, directory / WEIGHTS_FILE)
-    model.load_state_dict(_with_shared_names(model, load_file(str(directory / WEIGHTS_FILE))), strict=False,
-                          assign=True)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    model.load_state_dict(_with_shared_names(model, state), strict=False, assign=True)
+    for name, buffer in model.named_buffers():
+        # buffers not in the file (rotary frequencies) follow the model's dtype, as model.to(dtype) cast them
+        if name not in state and buffer.is_floating_point() and not buffer.is_meta:
+            module, _, leaf = name.rpartition(".")
+            model.get_submodule(module)._buffers[leaf] = buffer.to(dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # one Parameter again for each tied group, as transformers builds it
     empty = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]

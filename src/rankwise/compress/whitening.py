@@ -41,7 +41,7 @@ from rankwise.errors import RankwiseError
 JITTER = 1e-6
 #: a Cholesky pivot whose square is below this times C's mean diagonal counts as a failure
 PIVOT_FLOOR = 1e-12
-#: eigenvalues below this fraction of the largest count as zero
+#: eigenvalues are floored at this fraction of the largest
 EIGEN_FLOOR = 1e-12
 
 
@@ -83,15 +83,13 @@ class Whitening:
 
     @classmethod
     def eigen(cls, gram: torch.Tensor) -> "Whitening":
-        """``C = Q Lambda Q^T``, ``S = Q Lambda^{1/2}`` (SVD-LLM v2, EoRA), tiny eigenvalues raised to the
-        smallest kept one."""
+        """``C = Q Lambda Q^T``, ``S = Q Lambda^{1/2}`` (SVD-LLM v2, EoRA), eigenvalues floored at 1e-12 of the largest."""
         gram = _symmetric64(gram)
         values, vectors = torch.linalg.eigh(gram)
         top = float(values.max())
         if not top > 0:
             raise RankwiseError("the input Gram matrix is zero: the layer saw only zero inputs in the calibration data")
-        positive = values[values > EIGEN_FLOOR * top]
-        values = values.clamp_min(float(positive.min()))
+        values = values.clamp_min(EIGEN_FLOOR * top)
         root = vectors * values.sqrt()
         inverse = (vectors / values.sqrt()).T
         return cls(root, "general", inverse)
