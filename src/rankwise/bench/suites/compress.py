@@ -45,6 +45,7 @@ SETUPS: list[SetUp] = [
 RATIOS = (0.9, 0.7, 0.5)
 LATENCY_RATIO = 0.5
 LATENCY_BATCHES = (1, 16)
+LATENCY_REPEATS = 10
 #: SVD-LLM paper (arXiv 2403.07378), Table 1: LLaMA-7B WikiText-2 perplexity at 20% compression (ratio 0.8)
 PUBLISHED_PPL = {"svd_llm": 7.94, "asvd": 11.14, "fwsvd": 1727.0, "svd": 20061.0}
 PUBLISHED_ORDER = ("svd_llm", "asvd", "fwsvd", "svd")
@@ -290,7 +291,7 @@ def run(context) -> list[Path]:
     rows, latency = [], []
     for subject in subjects:
         rows += _sweep(subject, context.progress)
-        latency += _latency(subject, repeats=10)
+        latency += _latency(subject, repeats=LATENCY_REPEATS)
     lines = orderings([r for r in rows if any(s.causal and s.name == r["model"] for s in subjects)])
     _print(rows, latency, lines)
     context.out.mkdir(parents=True, exist_ok=True)
