@@ -149,7 +149,7 @@ def test_help_method_shows_every_pillar_of_the_command_that_has_the_name(capsys)
     code, out, _ = help_method(["pretrain", "--help-method", "galore"], capsys)
     assert code == 0 and "    update_proj_gap=200  (an integer)" in out and "    rank=128  (an integer)" in out
     code, _, err = help_method(["compress", "--help-method", "tucker"], capsys)
-    assert code == 2 and "no method 'tucker' in compress; known: svd" in err
+    assert code == 2 and "no method 'tucker' in compress; known: asvd, fwsvd, modegpt, svd, svd_llm, welore" in err
 
 
 class RecordingCompressor(SVDCompressor):
