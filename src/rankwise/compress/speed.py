@@ -8,42 +8,46 @@ measures ``f``: for each shape it times ``x W^T`` against ``(x D^T) U^T`` at ran
 ``g m n / (m + n)`` on a grid of ``g`` and interpolates the ``g`` where their median times
 cross; ``f`` is the median over shapes and token counts.
 
-``BREAK_EVEN_FACTOR`` is that measurement on the development machine (2-core x86 CPU, torch
-2.13 CPU build, 1 and 2 threads, shapes 128x128 .. 1536x384, 128 and 2048 tokens):
-``python -c "from rankwise.compress.speed import measure_break_even; print(measure_break_even())"``
-gave 0.91 (per shape 0.74 for 128 x 128 up to 0.97 for 384 x 384; see docs/compression.md).
-It is the default ``keep_dense_above`` of ``compress``; measure your own hardware and pass it.
+``BREAK_EVEN_FACTOR`` is that measurement on the development machine (a shared 2-core x86 CPU,
+torch 2.13 CPU build, one thread, shapes 128x128 .. 1536x384, 128 and 2048 tokens):
+``measure_break_even()`` gave 0.85 (per shape 0.52 .. 0.94; load average 10 from other jobs);
+an earlier run of the same grid at load 1.0 put the crossings at 0.75 .. 0.98 with median 0.9
+(docs/compression.md). It is the default ``keep_dense_above`` of ``compress``; measure your
+own hardware (``python -c "from rankwise.compress.speed import measure_break_even as m; print(m())"``)
+and pass it.
 
-:func:`forward_latency` times a model's forward (median of repeats after warm-up, no grad,
-eval mode); :func:`compare_latency` times several models on the same batch interleaved, so
-load changes on a shared machine hit them alike.
+:func:`compare_latency` times several models' forwards on the same batch (median of repeats
+after warm-up, no grad, eval mode), interleaved, so load changes on a shared machine hit them
+alike; the break-even measurement interleaves the dense and the factorised product the same way.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 #: measured break-even factor f (see the module docstring); the default ``keep_dense_above``
-BREAK_EVEN_FACTOR = 0.9
+BREAK_EVEN_FACTOR = 0.85
 
 _SHAPES = ((128, 128), (384, 128), (384, 384), (1536, 384))
 _GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 
 
-def _median_seconds(function, repeats: int) -> float:
-    for _ in range(3):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, all timed in turn round after round (after 3 warm-up rounds), so a
+    load change on a shared machine hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_ in range(3 + repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            if round_ >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @torch.no_grad()
@@ -55,14 +59,14 @@ def break_even_fraction(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, in_features, generator=generator).to(device=device, dtype=dtype)
     dense = nn.Linear(in_features, out_features).to(device=device, dtype=dtype)
-    dense_time = _median_seconds(lambda: dense(x), repeats)
     break_even = out_features * in_features / (out_features + in_features)
     previous = None
     for fraction in _GRID:
         rank = max(1, int(fraction * break_even))
         down = nn.Linear(in_features, rank, bias=False).to(device=device, dtype=dtype)
         up = nn.Linear(rank, out_features).to(device=device, dtype=dtype)
-        relative = _median_seconds(lambda: up(down(x)), repeats) / dense_time
+        times = interleaved_medians({"dense": lambda: dense(x), "factorized": lambda: up(down(x))}, repeats)
+        relative = times["factorized"] / times["dense"]
         if relative >= 1.0:
             if previous is None:
                 return fraction
@@ -84,32 +88,13 @@ def _run(model: nn.Module, batch: Any) -> Any:
 
 
 @torch.no_grad()
-def forward_latency(model: nn.Module, batch: Any, *, repeats: int = 10) -> float:
-    """Median seconds of ``model(batch)`` (eval mode, no grad) after warm-up."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _median_seconds(lambda: _run(model, batch), repeats)
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
 def compare_latency(models: dict[str, nn.Module], batch: Any, *, repeats: int = 10) -> dict[str, float]:
-    """Median seconds of each model's forward on ``batch``, the models timed in turn, round after round."""
+    """Median seconds of each model's forward on ``batch`` (eval mode, no grad), the models timed in turn."""
     modes = {name: model.training for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
     try:
         for model in models.values():
             model.eval()
-            for _ in range(3):
-                _run(model, batch)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                _run(model, batch)
-                times[name].append(time.perf_counter() - start)
+        return interleaved_medians({name: (lambda m=model: _run(m, batch)) for name, model in models.items()}, repeats)
     finally:
         for name, model in models.items():
             model.train(modes[name])
-    return {name: statistics.median(values) for name, values in times.items()}
