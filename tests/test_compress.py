@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cases import collect
-from conftest import make_batch, make_gpt2, make_llama, register_for_test
+from conftest import make_batch, make_llama, register_for_test
 from rankwise.compress import (
     COMPRESSORS,
     compress,

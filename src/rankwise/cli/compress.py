@@ -66,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     """``(model, tokenizer, calibration documents or None, held-out documents, text description)``."""
+    from rankwise.compress.evaluation import load_model
     from rankwise.data.corpus import load_corpus, load_text_files, split_documents
 
     if args.model:
@@ -81,31 +82,6 @@ def _load(args: argparse.Namespace):
     split = "finetune" if args.model else "pretrain"
     calibration = None if args.model else load_corpus(split, "train")
     return model, tokenizer, calibration, load_corpus(split, "validation"), f"the embedded {split} split's validation part"
-
-
-def load_model(directory: str):
-    """``(model, tokenizer)`` of a local HF directory: the class its config names (an encoder stays an
-    encoder), safetensors weights only."""
-    import transformers
-
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise RankwiseError(f"{path} is not a Hugging Face model directory (no config.json); for a directory written "
-                            "by rankwise compress use rankwise.load_compressed")
-    if not any(path.glob("*.safetensors")):
-        raise RankwiseError(f"{path} has no .safetensors weights; rankwise does not load pickled checkpoints")
-    config = transformers.AutoConfig.from_pretrained(path)
-    classes = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or []]
-    cls = next((c for c in classes if isinstance(c, type)), None)
-    if cls is None:
-        cls = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
-               else transformers.AutoModel)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise RankwiseError(f"cannot load a tokenizer from {path} ({error}); save one there with "
-                            "tokenizer.save_pretrained(dir)") from None
-    return cls.from_pretrained(path, use_safetensors=True).eval(), tokenizer
 
 
 def _latency_batches(batches: list[dict]) -> dict[int, dict]:

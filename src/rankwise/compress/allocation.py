@@ -44,7 +44,7 @@ from torch import nn
 
 from rankwise.calibration import LayerStatistics, run_batch
 from rankwise.compress.plan import LayerSpec, kept_parameters, storage_for
-from rankwise.compress.statistics import LossFn
+from rankwise.compress.statistics import LossFn, batch_loss
 from rankwise.errors import RankwiseError
 from rankwise.layers import dense_weight, layer_kind
 from rankwise.linalg.svd import svd
@@ -164,8 +164,6 @@ def _output_tensor(output: Any) -> torch.Tensor:
 
 def _objective(context: AllocationContext, reference: list[torch.Tensor] | None) -> float:
     """The calibration objective (see the module docstring), averaged over the batches."""
-    from rankwise.compress.statistics import batch_loss
-
     total = 0.0
     for index, batch in enumerate(context.data):
         if reference is None:

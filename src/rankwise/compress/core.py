@@ -96,7 +96,7 @@ class CompressionJob:
     loss_fn: LossFn | None
 
 
-def refuse_skipped_everything(method: str, skipped: dict[str, str]) -> RankwiseError:
+def _refuse_skipped_everything(method: str, skipped: dict[str, str]) -> RankwiseError:
     sample = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:3])
     return RankwiseError(f"{method} can take none of the targeted layers ({sample}); choose other targets or method")
 
@@ -167,7 +167,7 @@ class Compressor(ABC):
             else:
                 skipped[name] = f"{self.method} cannot factorise a {kind} layer"
         if not specs:
-            raise refuse_skipped_everything(self.method, skipped)
+            raise _refuse_skipped_everything(self.method, skipped)
         return specs, skipped
 
     def statistics(self, job: CompressionJob, names: list[str]) -> dict[str, LayerStatistics]:

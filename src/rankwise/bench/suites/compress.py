@@ -88,7 +88,7 @@ def _subjects(context) -> list[Subject]:
     config = context.config
     shape = {"seq_len": config.seq_len, "batch_size": config.batch_size}
     if context.model_dir:
-        from rankwise.cli.compress import load_model
+        from rankwise.compress.evaluation import load_model
         from rankwise.data.corpus import load_text_files, split_documents
 
         model, tokenizer = load_model(context.model_dir)
