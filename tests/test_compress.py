@@ -460,6 +460,19 @@ def test_layers_a_method_cannot_take_are_skipped_and_listed(llama):
         compress(llama, "svd", ratio=0.5, targets=[quantized])
 
 
+def test_layers_inside_a_structured_block_are_not_compressed_again(tmp_path):
+    model = compress(make_llama(), "modegpt", ratio=0.5, data=[make_batch()], parts=("mlp",))
+    compress(model, "svd", ratio=0.5)
+    summary = model.rankwise_compression
+    assert len(summary["layers"]) == 8 and all(".self_attn." in name for name in summary["layers"])
+    assert summary["skipped"]["model.layers.1.mlp.down_proj"] == \
+        "already compressed: part of the structured block model.layers.1.mlp"
+    save_compressed(model, tmp_path)
+    batch = make_batch(seed=4)
+    with torch.no_grad():
+        assert torch.equal(load_compressed(tmp_path)(**batch).logits, model(**batch).logits)
+
+
 def test_modegpt_refuses_models_without_llama_blocks(gpt2, minilm_once):
     for model in (gpt2, minilm_once):
         before = snapshot(model)

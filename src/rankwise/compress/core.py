@@ -156,10 +156,14 @@ class Compressor(ABC):
     def select(self, job: CompressionJob) -> tuple[list[LayerSpec], dict[str, str]]:
         """The targeted Linear-like layers it takes, and the skipped ones with the reason."""
         specs, skipped = [], {}
+        structured = [name for name, m in job.model.named_modules() if callable(getattr(m, "compressed_spec", None))]
         for name in select_linear_layers(job.model, job.targets, kind=None):
             module = job.model.get_submodule(name)
             kind = layer_kind(module)
-            if kind in self.supports:
+            inside = next((block for block in structured if name.startswith(block + ".")), None)
+            if inside is not None:
+                skipped[name] = f"already compressed: part of the structured block {inside}"
+            elif kind in self.supports:
                 specs.append(LayerSpec(name, kind, *features(module)))
             elif kind in ("linear4bit", "linear8bit"):
                 skipped[name] = (f"a bitsandbytes {kind} layer: compress the unquantized model, or compensate "
