@@ -155,7 +155,7 @@ def test_help_method_shows_every_pillar_of_the_command_that_has_the_name(capsys)
     assert code == 0 and "    update_proj_gap=200  (an integer >= 1)  steps T between subspace refreshes" in out
     assert "    rank=128  (an integer >= 1)" in out
     code, _, err = help_method(["compress", "--help-method", "tucker"], capsys)
-    assert code == 2 and "no method 'tucker' in compress; known: svd" in err
+    assert code == 2 and "no method 'tucker' in compress; known: asvd, fwsvd, modegpt, svd, svd_llm, welore" in err
 
 
 class RecordingCompressor(SVDCompressor):
@@ -380,7 +380,7 @@ def test_pretrain_lowrank_needs_a_rank_and_its_output_feeds_finetune(cli_env, tm
     assert "--parametrize lowrank needs --rank" in capsys.readouterr().err
     out = tmp_path / "lowrank"
     assert run("pretrain", "--parametrize", "lowrank", "--rank", "8", "--out", str(out)) == 0
-    assert (out / "rankwise_factorized.json").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "rankwise_compressed.json").is_file() and (out / "tokenizer.json").is_file()
     from rankwise.data.models import load_model_dir
 
     loaded = load_model_dir(out)

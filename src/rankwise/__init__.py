@@ -24,7 +24,8 @@ from rankwise.adapters import (
     unload,
     unmerge,
 )
-from rankwise.compress import compress, load_compressed, save_compressed
+from rankwise.compress import compensate, compress, load_compressed, save_compressed
+from rankwise.densify import densify
 from rankwise.errors import RankwiseError
 from rankwise.quantize import quantize  # QLoRA bases: rankwise.quantize(model, "nf4" | "fp4" | "int8")
 
@@ -34,7 +35,9 @@ __all__ = [
     "RankwiseError",
     "adapt",
     "analyze",
+    "compensate",
     "compress",
+    "densify",
     "export_peft",
     "import_peft",
     "init_report",

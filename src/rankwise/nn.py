@@ -6,11 +6,14 @@
     y = up(down(x)) = B (A x) + b,   A = down.weight (rank x in),  B = up.weight (out x rank)
 
 It holds ``rank * (in + out)`` weights instead of ``in * out`` (plus the same optional bias
-on ``up``), and costs two thin matrix products instead of one dense one.
+on ``up``), and costs two thin matrix products instead of one dense one. It may stand in for
+any Linear-like layer (``nn.Linear``, transformers' ``Conv1D``): ``source_kind`` remembers
+which, so ``rankwise.densify`` gives back a layer of the original kind.
 
-:func:`select_linear_layers` picks the dense ``nn.Linear`` layers a method should replace
-(through :func:`rankwise.targets.match_targets`), skipping the two inner ``nn.Linear`` of an
-existing :class:`FactorizedLinear` so a model is never factorised twice.
+:func:`select_linear_layers` picks the dense layers a method should replace (through
+:func:`rankwise.targets.match_targets`; ``nn.Linear`` by default, every Linear-like kind with
+``kind=None``), skipping the two inner ``nn.Linear`` of an existing :class:`FactorizedLinear`
+so a model is never factorised twice.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ def _positive_int(value: object, what: str) -> int:
     return value
 
 
+#: the dense layer kinds a FactorizedLinear can stand in for (``rankwise.layers.layer_kind`` names)
+SOURCE_KINDS = ("linear", "conv1d")
+
+
 class FactorizedLinear(nn.Module):
     """``y = up(down(x))``: a linear map of rank at most ``rank`` stored as two factors."""
 
@@ -42,11 +49,15 @@ class FactorizedLinear(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        source_kind: str = "linear",
     ) -> None:
         super().__init__()
         self.in_features = _positive_int(in_features, "in_features")
         self.out_features = _positive_int(out_features, "out_features")
         self.rank = _positive_int(rank, "rank")
+        if source_kind not in SOURCE_KINDS:
+            raise RankwiseError(f"source_kind must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+        self.source_kind = source_kind
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
@@ -59,12 +70,12 @@ class FactorizedLinear(nn.Module):
 
     @classmethod
     def from_factors(
-        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None
+        cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None, *, source_kind: str = "linear"
     ) -> "FactorizedLinear":
         """A layer with ``up.weight = up`` (out x rank), ``down.weight = down`` (rank x in).
 
         Device and dtype follow ``bias`` when given (the original layer's), else ``up``;
-        the factors are cast to them.
+        the factors are cast to them. ``source_kind`` names the kind of layer it replaces.
         """
         if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
             raise RankwiseError(
@@ -74,7 +85,8 @@ class FactorizedLinear(nn.Module):
             raise RankwiseError(f"bias must have shape ({up.shape[0]},), got {tuple(bias.shape)}")
         like = bias if bias is not None else up
         layer = cls(
-            down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=like.device, dtype=like.dtype
+            down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=like.device, dtype=like.dtype,
+            source_kind=source_kind,
         )
         with torch.no_grad():
             layer.up.weight.copy_(up)
@@ -121,6 +133,7 @@ class FactorizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, bias={self.bias is not None}"
+            + ("" if self.source_kind == "linear" else f", source_kind={self.source_kind}")
         )
 
 
@@ -130,17 +143,22 @@ def _inside_factorized(model: nn.Module, name: str) -> bool:
 
 
 def select_linear_layers(
-    model: nn.Module, targets: Targets = "all-linear", *, include_factorized: bool = False
+    model: nn.Module,
+    targets: Targets = "all-linear",
+    *,
+    include_factorized: bool = False,
+    kind: type | None = nn.Linear,
 ) -> list[str]:
     """Names of the layers ``targets`` selects, in module order.
 
-    Dense ``nn.Linear`` layers always; with ``include_factorized`` also whole
+    Dense layers of ``kind`` always (``nn.Linear`` by default; None = every Linear-like kind:
+    Linear, Conv1D, bitsandbytes Linear); with ``include_factorized`` also whole
     :class:`FactorizedLinear` layers (for diagnostics). The ``down`` / ``up`` children of a
     FactorizedLinear are never returned on their own. Raises RankwiseError when nothing is
     selected, before anything is changed.
     """
     try:
-        dense = [n for n in match_targets(model, targets, kind=nn.Linear) if not _inside_factorized(model, n)]
+        dense = [n for n in match_targets(model, targets, kind=kind) if not _inside_factorized(model, n)]
         no_dense_error: RankwiseError | None = None
     except RankwiseError as exc:
         dense, no_dense_error = [], exc
@@ -156,6 +174,6 @@ def select_linear_layers(
             raise no_dense_error
         raise RankwiseError(
             f"targets {targets!r} matched only layers that are already FactorizedLinear; "
-            "choose dense nn.Linear layers (they cannot be factorised twice)"
+            "choose dense Linear layers (they cannot be factorised twice)"
         )
     return [n for n, _ in model.named_modules() if n in chosen]

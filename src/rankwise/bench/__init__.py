@@ -16,7 +16,7 @@ import torch
 
 from rankwise.bench.report import format_table, write_results
 from rankwise.bench.runner import RunConfig, Workload, run_device, run_setup
-from rankwise.bench.suites import SUITE_WORKLOAD, SUITES, SetUp, select_setups
+from rankwise.bench.suites import SUITE_RUNS, SUITE_WORKLOAD, SUITES, SetUp, SuiteRun, select_setups
 from rankwise.errors import RankwiseError
 from rankwise.training import CAUSAL_LM
 
@@ -186,6 +186,7 @@ def run_bench(
     plan = plan_setups(list(suites), list(setups) if setups else None, include_all)
 
     results: dict[str, list[dict[str, Any]]] = {}
+    written: list[Path] = []
     total = sum(len(v) for v in plan.values()) * config.steps
     users = user_workload(model_dir, data_files, config) if model_dir else None
     with tqdm(total=total, desc="bench", unit="step", disable=not show_progress) as bar:
@@ -205,6 +206,9 @@ def run_bench(
             how = [f"{config.steps} steps", f"{config.dtype} weights"] + (["bf16 autocast"] if config.bf16 else []) + (
                 [f"{config.gradient_checkpointing} gradient checkpointing"] if config.gradient_checkpointing else [])
             print("\n" + format_table(rows, title=f"== {suite} ({workload.name}, {', '.join(how)}) =="))
+            if suite in SUITE_RUNS:
+                written += SUITE_RUNS[suite](SuiteRun(config, model_preset, Path(out), base_steps, model_dir,
+                                                      data_files, show_progress))
     meta = {
         "preset": preset,
         "model_preset": model_preset if model_dir is None else model_dir,
@@ -215,7 +219,7 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "device": str(run_device(config)),
     }
-    paths = write_results(Path(out), results, meta)
+    paths = write_results(Path(out), results, meta) + written
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return results
 

@@ -172,6 +172,15 @@ def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared
     return Prepared(_optimizer(setup, model))
 
 
+def _compress_lrc(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
+    """WeLore's fine-tuning: ``rankwise.compress(method, ratio)``, then AdamW on the low-rank components'
+    factors only (``rankwise.compress.trainable_lrc``: the dense N-LRC layers, embeddings and norms frozen)."""
+    from rankwise.compress import trainable_lrc
+
+    _compress(setup, model, context)
+    return Prepared(torch.optim.AdamW(trainable_lrc(model), lr=setup.lr))
+
+
 #: set-up kind -> the preparation that applies it
 KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
     "full": _full,
@@ -181,6 +190,7 @@ KINDS: dict[str, Callable[[SetUp, nn.Module, SetUpContext], Prepared]] = {
     "quantized_adapter": _quantized_adapter,
     "parametrize": _parametrize,
     "compress": _compress,
+    "compress_lrc": _compress_lrc,
 }
 
 

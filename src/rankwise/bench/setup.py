@@ -28,6 +28,7 @@ class SetUp:
     ``reference``: a reference package's optimizer (``method`` names it in
     ``rankwise.bench.references.REFERENCES``) on the split ``optim`` uses.
     ``compress``: ``rankwise.compress(method, ratio=ratio)`` then AdamW on every parameter.
+    ``compress_lrc``: the same compression, then AdamW on the low-rank components only (WeLore).
     ``rank`` is in model-width units: ``rank_fraction`` of the hidden size when ``rank`` is None.
     (``rankwise.bench.kinds.KINDS`` maps each kind to what it does.)
     """

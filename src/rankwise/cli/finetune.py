@@ -2,7 +2,8 @@
 
 With ``--method`` the adapter's parameters are trained by ``--optim`` (AdamW by default, any
 ``rankwise.optim`` optimizer, LoRA+ with ``--loraplus-lr-ratio``); without it, the model's
-weights are (full fine-tuning). The result goes to ``--out`` (else a fresh directory under
+weights are (full fine-tuning); with ``--welore-lrc-only`` the base is compressed by WeLore
+and only its low-rank components train. The result goes to ``--out`` (else a fresh directory under
 ``rankwise-runs/``), a valid ``--model`` for the next command.
 """
 
@@ -57,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     adapter.add_argument("--export-peft", default=None, metavar="DIR",
                          help="also write the adapter in PEFT's LoRA format to DIR (exact for factored updates, "
                               "else the best rank-r approximation, with its error printed; default: none)")
+    adapter.add_argument("--welore-lrc-only", type=positive_float, nargs="?", const=0.5, default=None, metavar="RATIO",
+                         help="WeLore: compress the base to RATIO of its weights (0.5 without a value) and fine-tune "
+                              "only its low-rank components (rankwise.compress.trainable_lrc); default: off")
     add_optim_arguments(parser, default="adamw", with_method="--method")
     add_device_arguments(parser)
     add_method_arguments(parser, ("adapters", "optim"), "--method, else --optim",
@@ -75,6 +79,23 @@ def _adapter_setup(args: argparse.Namespace) -> SetUp:
                  options=options, optimizer=optimizer, optimizer_options=optimizer_options)
 
 
+def _welore_setup(args: argparse.Namespace) -> SetUp:
+    refuse(bool(args.method or args.optim != "adamw" or args.optim_args),
+           "--welore-lrc-only fine-tunes the compressed base's low-rank components with AdamW (WeLore's recipe); "
+           "drop --method / --optim / --optim-args")
+    lr = FULL_LR if args.lr is None else args.lr
+    return SetUp(f"welore {args.welore_lrc_only:g} LRC only", "compress_lrc", "welore", lr=lr,
+                 ratio=args.welore_lrc_only)
+
+
+def _setup(args: argparse.Namespace) -> SetUp:
+    if args.welore_lrc_only is not None:
+        return _welore_setup(args)
+    if args.method:
+        return _adapter_setup(args)
+    return optim_setup(args, f"full fine-tuning {args.optim}", FULL_LR, method_args=True)
+
+
 def run(args: argparse.Namespace) -> int:
     check_model_arguments(args)
     if not args.method:
@@ -85,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.export_peft:
         check_out_path(Path(args.export_peft))
     config = run_config(args)
-    setup = _adapter_setup(args) if args.method else optim_setup(args, f"full fine-tuning {args.optim}", FULL_LR,
-                                                                 method_args=True)
+    setup = _setup(args)
     out = output_dir(args.out, "finetune", setup.name)
     workload = make_workload(args, "finetune", config, from_base=True)
-    write = partial(write_adapter if args.method else write_model, workload=workload, setup=setup, command="finetune")
+    write = partial(write_adapter if setup.kind == "adapter" else write_model, workload=workload, setup=setup, command="finetune")
     checkpointing = Checkpointing(args.save_steps, out, lambda model, path: write(model, path)) \
         if args.save_steps else None
     row, model = train_and_report(setup, workload, config, args, checkpointing)

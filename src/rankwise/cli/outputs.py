@@ -2,7 +2,7 @@
 ``--model`` for the next command (:func:`rankwise.data.models.load_model_dir` reads them all):
 
 - a trained model (``pretrain``, full ``finetune``): ``save_pretrained`` (or
-  ``save_compressed`` when it holds factorised layers) plus the tokenizer;
+  ``save_compressed`` when it holds factorised or compressed layers) plus the tokenizer;
 - an adapter (``finetune --method``): ``save_adapter`` of the adapter root plus the tokenizer;
 - beside both, ``rankwise_run.json``: the base the run started from (how to load it again),
   the objective, the adapter root and the set-up.
@@ -79,10 +79,10 @@ def write_model(model: nn.Module, directory: Path, workload: Workload, setup: Se
     """Write the trained model, its tokenizer and the run record (with ``row``'s result, the
     training history among it); return what was written."""
     from rankwise.compress import save_compressed
-    from rankwise.nn import FactorizedLinear
+    from rankwise.compress.io import compressed_modules
 
     directory.mkdir(parents=True, exist_ok=True)
-    if any(isinstance(module, FactorizedLinear) for module in model.modules()):
+    if compressed_modules(model) or getattr(model, "rankwise_compression", None):
         save_compressed(model, directory)
         output = "factorized"
     else:

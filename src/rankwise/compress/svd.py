@@ -13,8 +13,9 @@ back in the weight's dtype. The bias is kept as is.
 Options: ``niter`` (default None = exact thin SVD; an integer uses the randomized SVD of
 Halko et al. with that many power iterations, for large layers) and ``seed`` (for the
 randomized sketch). Deviation from LoRD: LoRD picks ranks per layer by a search on code
-perplexity; here every layer keeps the rank its share of ``ratio`` allows (see
-:mod:`rankwise.compress.core`).
+perplexity; here the ranks come from the allocation (default ``"uniform"``: every layer keeps
+the rank its share of ``ratio`` allows; ``"sensitivity"`` is the closest to LoRD's search; see
+:mod:`rankwise.compress.allocation`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from rankwise.calibration import LayerStatistics
 from rankwise.common_options import NITER
 from rankwise.compress.core import COMPRESSORS, Compressor
+from rankwise.layers import dense_weight
 from rankwise.linalg.lowrank import split_singular_values
 from rankwise.linalg.svd import truncated_svd
 from rankwise.options import Option
@@ -45,8 +47,8 @@ class SVDCompressor(Compressor):
     }
 
     def factorize(
-        self, name: str, linear: nn.Linear, rank: int, stats: LayerStatistics | None
+        self, name: str, layer: nn.Module, rank: int, stats: LayerStatistics | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         niter = self.options["niter"]
         generator = torch.Generator().manual_seed(self.options["seed"]) if niter is not None else None
-        return split_singular_values(*truncated_svd(linear.weight, rank, niter=niter, generator=generator))
+        return split_singular_values(*truncated_svd(dense_weight(layer), rank, niter=niter, generator=generator))

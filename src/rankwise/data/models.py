@@ -190,7 +190,6 @@ RUN_FORMAT = "rankwise-run"
 #: hidden_state_fidelity)
 OBJECTIVES = ("causal-lm", "masked-lm", "hidden-states")
 _ADAPTER_FILES = ("rankwise_adapter.json", "adapter_config.json")
-_COMPRESSED_FILE = "rankwise_factorized.json"
 
 
 @dataclass
@@ -398,7 +397,7 @@ def load_model_dir(path: str | Path) -> LoadedModel:
     - a Hugging Face model directory (config, safetensors weights, tokenizer): the class and
       objective follow the model type (see :func:`_load_hf_model`);
     - a directory written by ``rankwise compress`` / ``pretrain --parametrize`` (factorised
-      layers, ``rankwise_factorized.json``): :func:`rankwise.load_compressed`;
+      layers, ``rankwise_compressed.json``): :func:`rankwise.load_compressed`;
     - an adapter directory (``rankwise finetune --method ... --out``, ``save_adapter``, or a
       PEFT adapter whose base is a local directory): the base it names, with the adapter
       merged in.
@@ -412,7 +411,9 @@ def load_model_dir(path: str | Path) -> LoadedModel:
     run = read_run_info(directory)
     if not (directory / "config.json").is_file() and any((directory / n).is_file() for n in _ADAPTER_FILES):
         return _load_adapter_directory(directory, run)
-    if (directory / _COMPRESSED_FILE).is_file():
+    from rankwise.compress.io import MANIFEST_FILE as COMPRESSED_MANIFEST
+
+    if (directory / COMPRESSED_MANIFEST).is_file():
         from rankwise.compress import load_compressed
 
         model = load_compressed(directory)
