@@ -26,6 +26,7 @@ from rankwise.adapters import (
 )
 from rankwise.compress import compress, load_compressed, save_compressed
 from rankwise.errors import RankwiseError
+from rankwise.pretrain import parametrize
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "merge",
     "methods",
     "optim",
+    "parametrize",
     "pretrain",
     "save_adapter",
     "save_compressed",
