@@ -38,10 +38,13 @@ class SetUpContext:
 
 @dataclass
 class Prepared:
-    """What a set-up installed: the optimizer that trains the model, and the training-time hooks."""
+    """What a set-up installed: the optimizer that trains the model, the training-time hooks and,
+    when the method needs its own, the learning-rate schedule (a callable
+    ``(optimizer, *, warmup_steps, total_steps) -> scheduler``; None = the runner's cosine)."""
 
     optimizer: torch.optim.Optimizer
     hooks: tuple[TrainingHooks, ...] = ()
+    schedule: Callable[..., Any] | None = None
 
 
 class AdapterHooks(TrainingHooks):
@@ -114,15 +117,17 @@ def _adapter(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
 
 
 def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
-    """``rankwise.pretrain`` parametrisation ``method``, then AdamW; the parametrisation is a hook."""
+    """``rankwise.pretrain`` parametrisation ``method``, then AdamW (with the set-up's
+    ``optimizer_options``); the parametrisation is a hook and gives the schedule."""
     from rankwise.pretrain import parametrisation
 
-    rank = setup.resolved_rank(context.hidden_size)
-    if rank is None:
-        raise RankwiseError(f"set-up {setup.name!r}: a parametrisation needs a rank (give --rank)")
-    method = parametrisation(setup.method, rank=rank, **setup.resolved_options(context.steps))
+    try:
+        method = parametrisation(setup.method, **_rank_keyword(setup, context), **setup.resolved_options(context.steps))
+    except RankwiseError as exc:
+        raise RankwiseError(f"set-up {setup.name!r}: {exc}") from None
     method.apply(model)
-    return Prepared(torch.optim.AdamW(_trainable(model), lr=setup.lr), (method,))
+    optimizer = torch.optim.AdamW(_trainable(model), lr=setup.lr, **setup.optimizer_options)
+    return Prepared(optimizer, (method,), method.schedule)
 
 
 def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:

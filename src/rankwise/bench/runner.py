@@ -93,7 +93,8 @@ def run_setup(
     prepared = prepare(setup, model, workload.hidden_size, copy.deepcopy(batches), config.steps)
     optimizer = prepared.optimizer
     init_seconds = time.perf_counter() - started
-    scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    scheduler = (prepared.schedule or cosine_schedule)(optimizer, warmup_steps=config.warmup_steps,
+                                                       total_steps=config.steps)
     result = train(
         model,
         optimizer,
