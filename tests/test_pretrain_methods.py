@@ -64,10 +64,10 @@ def test_magnitude_prune_keeps_exactly_the_largest_entries():
 
 def test_relora_restart_keeps_the_output_restarts_the_factors_and_prunes_the_moments():
     model = single(24, 16)
-    method = parametrisation("relora", rank=4, alpha=4.0, dropout=0.0, restart_every=3, seed=0)
+    method = parametrisation("relora", rank=4, alpha=2.0, dropout=0.0, restart_every=3, seed=0)
     method.apply(model)
     layer = model[0]
-    assert isinstance(layer, ReLoRALinear) and not layer.lora_B.weight.any()
+    assert isinstance(layer, ReLoRALinear) and not layer.lora_B.weight.any() and layer.scaling == 0.5
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(5, 16, dtype=torch.float64)
     for step in (1, 2):
