@@ -29,7 +29,8 @@ from rankwise.data.batches import eval_batches
 from rankwise.errors import RankwiseError
 
 TINY = SweepConfig("tiny", RunConfig(steps=3, batch_size=2, seq_len=16, eval_every=3, eval_batches=2, warmup_steps=0,
-                                     early_step=1), lr_grid=(1e-3, 1e-2, 1e-1), seeds=(0, 1), eval_batches=2, workers=1)
+                                     early_step=1), lr_grid=(1e-3, 1e-2, 1e-1), seeds=(0, 1), eval_batches=2, workers=1,
+                   max_extensions=0)
 
 
 def fixture_workload(config: SweepConfig, seed: int):
@@ -105,6 +106,31 @@ def test_a_sweep_runs_the_grid_then_the_chosen_lr_on_every_seed_and_reads_back_i
     cached = run_sweep(setups, TINY, cache=tmp_path, log=again.append, workload_factory=fixture_workload)
     assert sum("cached" in line for line in again) == 2 * 3 + 2
     assert [r.summary() for r in cached] == [r.summary() for r in rows]
+
+
+def test_the_grid_grows_past_an_end_the_best_lr_sits_at_by_the_same_rule_for_every_setup(monkeypatch):
+    """Fake runs whose loss is (log lr - log optimum)^2: an optimum below the grid pulls it down, one
+    value at a time (the grid's spacing), until the best lr is interior or the extensions run out."""
+    import rankwise.bench.sweep as sweep
+
+    optimum = {"low": 2e-4, "inside": 3e-3, "far": 1e-9}
+    calls = []
+
+    def fake_train_one(setup, lr, seed, config, workload_factory=None):
+        calls.append((setup.name, lr, seed))
+        loss = math.log(lr / optimum[setup.name]) ** 2 + 0.01 * seed
+        return {"selection_loss": loss, "report_loss": loss, "lr": lr, "seed": seed, "ms_per_step": 1.0,
+                "load_average": [None, None], "seconds": 0.0}
+
+    monkeypatch.setattr(sweep, "train_one", fake_train_one)
+    config = SweepConfig("tiny", TINY.run, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), workers=1, max_extensions=2)
+    low, inside, far = run_sweep([SetUp(n, "optim") for n in optimum], config, log=lambda line: None,
+                                 workload_factory=fixture_workload)
+    assert sorted(low.grid) == pytest.approx([1e-3 / 9, 1e-3 / 3, 1e-3, 3e-3, 1e-2])
+    assert low.chosen_lr == pytest.approx(1e-3 / 3) and not low.at_edge
+    assert sorted(inside.grid) == [1e-3, 3e-3, 1e-2] and inside.chosen_lr == 3e-3
+    assert len(far.grid) == 5 and far.at_edge and far.chosen_lr == pytest.approx(1e-3 / 9)  # flagged, not hidden
+    assert [c for c in calls if c[2] == 1] == [(r.setup.name, r.chosen_lr, 1) for r in (low, inside, far)]
 
 
 def test_a_run_is_deterministic_and_its_cache_key_tracks_what_changes_it():

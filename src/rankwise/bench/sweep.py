@@ -3,11 +3,14 @@
 Every set-up gets the same treatment, so the comparison measures methods, not tuning effort:
 
 1. **Sweep.** Each set-up trains once per learning rate of one shared grid (:class:`SweepConfig`
-   ``lr_grid``), seed 0, same model init, same batches, same token budget.
+   ``lr_grid``), seed 0, same model init, same batches, same token budget. When a set-up's best
+   lr is an end of the grid, the grid is extended for it by one more value beyond that end (the
+   grid's own spacing), up to ``max_extensions`` times -- the same rule for every set-up.
 2. **Choice on a held-out split.** The embedded validation stream is cut in two halves: the
    *selection* half scores the sweep (the chosen lr minimises its loss), the *report* half --
    never seen by the choice -- gives the reported perplexity, so the choice cannot flatter it.
-   A choice at either end of the grid is flagged ("edge": the optimum may lie outside it).
+   A choice still at an end of the (extended) grid is flagged ("edge": the optimum may lie
+   outside it).
 3. **Seeds.** The chosen lr is trained again with seeds 1, 2, ... (a seed fixes the model init
    and the batch order, the same for every set-up), and the report perplexity is given as
    mean +- sample standard deviation over the seeds.
@@ -28,7 +31,9 @@ it ran under.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -62,6 +67,8 @@ class SweepConfig:
     #: batches of each validation half (selection / report)
     eval_batches: int = 8
     workers: int = 2
+    #: how many values a set-up's grid may grow by beyond an end its best lr sits at
+    max_extensions: int = 2
 
     def __post_init__(self) -> None:
         if len(self.lr_grid) < 3 or sorted(set(self.lr_grid)) != list(self.lr_grid):
@@ -150,13 +157,16 @@ def embedded_sweep_workload(config: SweepConfig, seed: int) -> tuple[Workload, l
 # ----- one run, cached ----------------------------------------------------------------------------
 
 
-#: sources that cannot change a run's result (a set-up's own spec is part of the key)
-_NOT_FINGERPRINTED = ("bench/suites/", "cli/", "bench/report.py")
+#: sources that cannot change a run's result (a set-up's own spec is part of the key; of this
+#: module only the functions that train and evaluate a run count, see :func:`source_fingerprint`)
+_NOT_FINGERPRINTED = ("bench/suites/", "cli/", "bench/report.py", "bench/sweep.py")
 
 
+@functools.lru_cache(maxsize=1)
 def source_fingerprint() -> str:
-    """sha256 over the rankwise package's Python sources that a run executes (any change there
-    invalidates the cache; the suite tables and the command line do not)."""
+    """sha256 over the rankwise sources a run executes: every module but the suite tables, the
+    command line and the report, plus, of this module, the functions that train and score one run
+    (the choice of lr and the tables can change without invalidating the cache)."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
@@ -164,6 +174,9 @@ def source_fingerprint() -> str:
             continue
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
+    for function in (split_validation, embedded_sweep_workload, train_one):
+        digest.update(inspect.getsource(function).encode())
+    digest.update(repr(RUN_FIELDS).encode())
     return digest.hexdigest()[:16]
 
 
@@ -253,16 +266,32 @@ def _run_all(jobs: list[tuple[SetUp, float, int]], config: SweepConfig, cache: P
     return results  # type: ignore[return-value]
 
 
+def _beyond_edge(row: SweepRow) -> float | None:
+    """The next lr past the end of ``row``'s grid its best lr sits at (the grid's spacing), or None."""
+    lrs = sorted(row.grid)
+    if not row.at_edge or not math.isfinite(_finite(row.grid[row.chosen_lr]["selection_loss"])):
+        return None
+    if row.chosen_lr == lrs[0]:
+        return lrs[0] * lrs[0] / lrs[1]
+    return lrs[-1] * lrs[-1] / lrs[-2]
+
+
 def run_sweep(setups: Sequence[SetUp], config: SweepConfig, *, cache: Path | None = None, log=print,
               workload_factory=None) -> list[SweepRow]:
-    """Sweep every set-up over ``config.lr_grid`` (seed ``seeds[0]``), then repeat the chosen lr on the other seeds."""
+    """Sweep every set-up over ``config.lr_grid`` (seed ``seeds[0]``, extended at an end the best lr sits
+    at), then repeat the chosen lr on the other seeds."""
     rows = [SweepRow(setup) for setup in setups]
     first, *others = config.seeds
     log(f"sweep: {len(setups)} set-ups x {len(config.lr_grid)} learning rates "
         f"({', '.join(f'{lr:g}' for lr in config.lr_grid)}), seed {first}")
-    grid_jobs = [(row.setup, lr, first) for row in rows for lr in config.lr_grid]
-    for (setup, lr, _), result in zip(grid_jobs, _run_all(grid_jobs, config, cache, log, workload_factory)):
-        next(r for r in rows if r.setup is setup).grid[lr] = result
+    jobs = [(row.setup, lr, first) for row in rows for lr in config.lr_grid]
+    for _ in range(config.max_extensions + 1):
+        for (setup, lr, _), result in zip(jobs, _run_all(jobs, config, cache, log, workload_factory)):
+            next(r for r in rows if r.setup is setup).grid[lr] = result
+        jobs = [(row.setup, beyond, first) for row in rows if (beyond := _beyond_edge(row)) is not None]
+        if not jobs:
+            break
+        log(f"extending the grid at an end for: {', '.join(f'{s.name} ({lr:g})' for s, lr, _ in jobs)}")
     for row in rows:
         row.seeds[first] = row.grid[row.chosen_lr]
     if others:
