@@ -30,8 +30,6 @@ momentum reset of ``B``, ``A`` (:mod:`rankwise.pretrain.refactor`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
