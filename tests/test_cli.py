@@ -195,7 +195,7 @@ def test_method_args_reach_the_parametrisation(cli_env, monkeypatch, capsys):
     RecordingLowRank.seen = []
     assert main(["pretrain", "--parametrize", "recording", "--rank", "4", "--steps", "2",
                  "--method-args", "knob=0.25,seed=5"]) == 0
-    assert RecordingLowRank.seen == [{"knob": 0.25, "seed": 5}]
+    assert RecordingLowRank.seen == [{"knob": 0.25, "seed": 5, "refactor_every": None, "momentum_reset_every": None}]
     assert main(["pretrain", "--parametrize", "recording", "--rank", "4", "--steps", "2",
                  "--method-args", "knob=2"]) == 2
     assert "option knob must be a number in [0, 1], got 2" in capsys.readouterr().err

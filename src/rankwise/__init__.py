@@ -27,6 +27,7 @@ from rankwise.adapters import (
 from rankwise.compress import compensate, compress, load_compressed, save_compressed
 from rankwise.densify import densify
 from rankwise.errors import RankwiseError
+from rankwise.pretrain import parametrize
 from rankwise.quantize import quantize  # QLoRA bases: rankwise.quantize(model, "nf4" | "fp4" | "int8")
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "merge",
     "methods",
     "optim",
+    "parametrize",
     "pretrain",
     "quantize",
     "save_adapter",

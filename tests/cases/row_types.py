@@ -19,13 +19,17 @@ class PretrainCase:
     """One parametrisation in the common suite.
 
     trainable_per_layer(n_in, n_out, r): the paper's trainable weights of one replaced
-    ``n_out x n_in`` layer at rank r (the bias, kept as initialised, not counted).
+    ``n_out x n_in`` layer at rank r (the bias, kept as initialised, not counted); rank: the
+    rank the suite passes (None for methods sized by their options); replaces(name): whether
+    the method's default targets include the layer ``name`` (structured_ffn: the FFN only).
     """
 
     id: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
+    rank: int | None = 4
+    replaces: Callable[[str], bool] = lambda name: True
 
 
 @dataclass(frozen=True)

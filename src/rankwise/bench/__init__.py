@@ -7,6 +7,7 @@ Presets: ``quick`` (default; the tiny model, a few minutes on a 2-core CPU) and 
 from __future__ import annotations
 
 import copy
+import importlib
 import platform
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from rankwise.bench.report import format_table, write_results
 from rankwise.bench.runner import RunConfig, Workload, run_device, run_setup
 from rankwise.bench.suites import SUITE_RUNS, SUITE_WORKLOAD, SUITES, SetUp, SuiteRun, select_setups
+from rankwise.bench.sweep import run_suite_sweep
 from rankwise.errors import RankwiseError
 from rankwise.training import CAUSAL_LM
 
@@ -191,6 +193,14 @@ def run_bench(
     users = user_workload(model_dir, data_files, config) if model_dir else None
     with tqdm(total=total, desc="bench", unit="step", disable=not show_progress) as bar:
         for suite, suite_setups in plan.items():
+            module = importlib.import_module(f"rankwise.bench.suites.{suite}")
+            if every_setup and getattr(module, "SWEEP", None):
+                # a suite with a sweep, named: tune every set-up the same way (rankwise.bench.sweep)
+                if model_dir:
+                    raise RankwiseError(f"the {suite} sweep runs on the embedded workload; drop --model / --data")
+                results[suite] = run_suite_sweep(module, preset, setups=setups, steps=steps, seed=seed, out=Path(out))
+                bar.update(len(suite_setups) * config.steps)
+                continue
             split, from_base = SUITE_WORKLOAD[suite]
             workload = users or embedded_workload(split, model_preset, config, from_base=from_base,
                                                   base_steps=base_steps, data_files=data_files,
@@ -209,6 +219,8 @@ def run_bench(
             if suite in SUITE_RUNS:
                 written += SUITE_RUNS[suite](SuiteRun(config, model_preset, Path(out), base_steps, model_dir,
                                                       data_files, show_progress))
+            if getattr(module, "NOTE", None):
+                print(module.NOTE)
     meta = {
         "preset": preset,
         "model_preset": model_preset if model_dir is None else model_dir,

@@ -44,10 +44,13 @@ class SetUpContext:
 
 @dataclass
 class Prepared:
-    """What a set-up installed: the optimizer that trains the model, and the training-time hooks."""
+    """What a set-up installed: the optimizer that trains the model, the training-time hooks and,
+    when the method needs its own, the learning-rate schedule (a callable
+    ``(optimizer, *, warmup_steps, total_steps) -> scheduler``; None = the runner's cosine)."""
 
     optimizer: torch.optim.Optimizer
     hooks: tuple[TrainingHooks, ...] = ()
+    schedule: Callable[..., Any] | None = None
 
 
 class AdapterHooks(TrainingHooks):
@@ -146,15 +149,15 @@ def _quantized_adapter(setup: SetUp, model: nn.Module, context: SetUpContext) ->
 
 def _parametrize(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:
     """``rankwise.pretrain`` parametrisation ``method``, then AdamW (or the set-up's
-    ``optimizer``); the parametrisation is a hook."""
+    ``optimizer``, with its ``optimizer_options``); the parametrisation is a hook and gives the schedule."""
     from rankwise.pretrain import parametrisation
 
-    rank = setup.resolved_rank(context.hidden_size)
-    if rank is None:
-        raise RankwiseError(f"set-up {setup.name!r}: a parametrisation needs a rank (give --rank)")
-    method = parametrisation(setup.method, rank=rank, **setup.resolved_options(context.steps))
+    try:
+        method = parametrisation(setup.method, **_rank_keyword(setup, context), **setup.resolved_options(context.steps))
+    except RankwiseError as exc:
+        raise RankwiseError(f"set-up {setup.name!r}: {exc}") from None
     method.apply(model)
-    return Prepared(_optimizer(setup, model), (method,))
+    return Prepared(_optimizer(setup, model), (method,), method.schedule)
 
 
 def _compress(setup: SetUp, model: nn.Module, context: SetUpContext) -> Prepared:

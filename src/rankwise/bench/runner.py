@@ -203,7 +203,8 @@ def run_setup(
                        adapter_root=workload.adapter_root, loss_fn=loss_fn)
     optimizer = prepared.optimizer
     init_seconds = time.perf_counter() - started
-    scheduler = cosine_schedule(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    scheduler = (prepared.schedule or cosine_schedule)(optimizer, warmup_steps=config.warmup_steps,
+                                                       total_steps=config.steps)
     start_step, earlier, initial = 0, [], None
     if saved is not None:
         state = load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,

@@ -22,6 +22,9 @@ and the two factors are balanced, ``E||A||_F^2 = E||B||_F^2 = sigma sqrt(m n r)`
 Gaussian analogue of splitting singular values evenly). Neither factor is zero, so both get
 gradients from the first step. Option ``seed`` (default None = torch's global RNG, as model
 init) makes the draw reproducible on its own.
+
+Options ``refactor_every`` and ``momentum_reset_every`` add the weight refactorisation and
+momentum reset of arXiv 2505.22922 (:mod:`rankwise.pretrain.refactor`); both off by default.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from torch import nn
 
 from rankwise.nn import FactorizedLinear
 from rankwise.options import Option
-from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
+from rankwise.pretrain.core import PARAMETRISATIONS, DenseLayer
+from rankwise.pretrain.refactor import REFACTOR_OPTIONS, RefactorHooks
 
 
 @PARAMETRISATIONS.register(
@@ -43,12 +47,13 @@ from rankwise.pretrain.core import PARAMETRISATIONS, Parametrisation
     paper="GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection (the Low-Rank baseline)",
     arxiv="2403.03507",
 )
-class LowRank(Parametrisation):
+class LowRank(RefactorHooks):
     """``W = B A``, balanced Gaussian factors whose product matches the dense init's variance."""
 
     OPTIONS = {
         "seed": Option(None, int, nullable=True,
                        help="seed of the factors' draw; None = torch's global RNG, as the model's init"),
+        **REFACTOR_OPTIONS,
     }
 
     def __init__(self, rank: int, **options: Any) -> None:
@@ -56,14 +61,22 @@ class LowRank(Parametrisation):
         seed = self.options["seed"]
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def build(self, name: str, linear: nn.Linear) -> FactorizedLinear:
-        weight = linear.weight
-        m, n, r = linear.out_features, linear.in_features, self.rank
-        sigma = math.sqrt(weight.detach().float().pow(2).mean().item())
+    def layer_types(self) -> tuple[type, ...]:
+        return (FactorizedLinear,)
+
+    def factor_pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+        return [(layer.up.weight, layer.down.weight, [p for p in layer.parameters() if p.requires_grad])
+                for layer in self.layers(model).values()]
+
+    def build(self, layer: DenseLayer) -> FactorizedLinear:
+        weight = layer.weight
+        m, n, r = layer.out_features, layer.in_features, self.rank
+        sigma = layer.init_std()
         std_down = math.sqrt(sigma * math.sqrt(m / (n * r)))
         std_up = math.sqrt(sigma * math.sqrt(n / (m * r)))
         # Drawn on the CPU in float32 so a seed gives the same factors on every device/dtype.
         down = torch.randn(r, n, generator=self.generator) * std_down
         up = torch.randn(m, r, generator=self.generator) * std_up
-        layer = FactorizedLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), linear.bias)
-        return layer.to(device=weight.device, dtype=weight.dtype)
+        bias = None if layer.bias is None else layer.bias.detach()
+        module = FactorizedLinear.from_factors(up.to(weight.dtype), down.to(weight.dtype), bias)
+        return module.to(device=weight.device, dtype=weight.dtype)
