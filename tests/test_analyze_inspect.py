@@ -149,7 +149,7 @@ def test_inspect_the_embedded_default(cli_env, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "/nonexistent"], "is not a model directory"),
+    (["--model", "/nonexistent"], "model directory /nonexistent does not exist"),
     (["--attention-tokens", "2"], "--attention-tokens must be >= 4"),
 ])
 def test_inspect_refuses_bad_input(argv, message, tmp_path, capsys):

@@ -87,14 +87,19 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+#: the options torch.optim.AdamW takes besides lr
+_TORCH_ADAMW_OPTIONS = frozenset({"betas", "eps", "weight_decay", "amsgrad"})
+
+
 def _optimizer(setup: SetUp, model: nn.Module, default: str | None = None) -> torch.optim.Optimizer:
     """The set-up's ``optimizer`` (else ``default``, else AdamW) on the trainable parameters: plain
     ``torch.optim.AdamW`` for AdamW without options, else ``rankwise.optim.build``."""
     from rankwise import optim
 
     name = setup.optimizer or default or "adamw"
-    if name == "adamw" and not setup.optimizer_options:
-        return torch.optim.AdamW(_trainable(model), lr=setup.lr)
+    if name == "adamw" and set(setup.optimizer_options) <= _TORCH_ADAMW_OPTIONS:
+        # also for models without Linear layers (Monarch, SST), which optim.build cannot group
+        return torch.optim.AdamW(_trainable(model), lr=setup.lr, **setup.optimizer_options)
     return optim.build(model, name, lr=setup.lr, **setup.optimizer_options)
 
 

@@ -66,11 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     """``(model, tokenizer, calibration documents or None, held-out documents, text description)``."""
-    from rankwise.compress.evaluation import load_model
     from rankwise.data.corpus import load_corpus, load_text_files, split_documents
+    from rankwise.data.models import load_for_inference
 
     if args.model:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_for_inference(args.model)
     else:
         from rankwise.data.models import load_base
         from rankwise.data.tokenizer import get_tokenizer

@@ -43,46 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def load_model_directory(path: str | Path) -> tuple[Any, Any]:
-    """``(model, tokenizer or None)`` from a local model directory, safetensors only: a causal LM
-    when its config names one (``*ForCausalLM`` / ``*LMHeadModel``), else the bare model (encoders)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise RankwiseError(f"{directory} is not a model directory (no config.json); pass one written by "
-                            "save_pretrained")
-    if not any(directory.glob("*.safetensors")):
-        raise RankwiseError(f"{directory} has no .safetensors weights; rankwise does not load pickled checkpoints. "
-                            "Convert with model.save_pretrained(dir, safe_serialization=True)")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
-    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
-        directory, local_files_only=True, use_safetensors=True)
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
-
-
-def apply_adapter(model: Any, directory: str | Path) -> Any:
-    """``model`` with the adapter in ``directory`` merged in (rankwise or PEFT LoRA format)."""
-    import rankwise
-    from rankwise.files import read_json_object
-
-    config = read_json_object(Path(directory), "adapter_config.json", what="adapter directory",
-                              fix="pass a directory written by rankwise.save_adapter or PEFT's save_pretrained")
-    if config.get("format") == "rankwise-adapter":
-        adapted = rankwise.load_adapter(model, directory)
-    elif "peft_type" in config:
-        adapted = rankwise.import_peft(model, directory)
-    else:
-        raise RankwiseError(f"{directory}/adapter_config.json is neither a rankwise adapter nor a PEFT adapter config")
-    return rankwise.unload(adapted)
-
-
 def _embedded(args: argparse.Namespace) -> tuple[Any, Any, list[str], str]:
     from rankwise.data.corpus import load_corpus
     from rankwise.data.models import base_dir, load_base
@@ -98,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.analyze.inspection_page import render
     from rankwise.cli.options import parse_targets
     from rankwise.data.corpus import load_text_files
+    from rankwise.data.models import load_for_inference, merge_adapter_directory
 
     if args.attention_tokens < 4:
         raise RankwiseError(f"--attention-tokens must be >= 4, got {args.attention_tokens}")
     if args.model:
-        model, tokenizer = load_model_directory(args.model)
+        model, tokenizer = load_for_inference(args.model, tokenizer_required=False)
         texts, source = [], args.model
     else:
         model, tokenizer, texts, source = _embedded(args)
@@ -111,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     base = None
     if args.adapter:
         base = copy.deepcopy(model)
-        model = apply_adapter(model, args.adapter)
+        model = merge_adapter_directory(model, args.adapter)
     if args.base:
-        base, _ = load_model_directory(args.base)
+        base, _ = load_for_inference(args.base, tokenizer_required=False)
     report = inspect_model(
         model, base=base, texts=texts[:MAX_TEXTS], tokenizer=tokenizer, targets=parse_targets(args.targets),
         entanglement_targets=parse_targets(args.entanglement_targets), attention_tokens=args.attention_tokens,

@@ -7,8 +7,6 @@
 - Batches from text for any tokenizer: causal LMs take windows of the document stream
   (``[bos] doc eos ...``, :mod:`rankwise.data.batches`); encoders take ``[CLS] window [SEP]``
   windows of ``seq_len`` tokens of the documents joined by ``[SEP]`` (no labels).
-- :func:`load_model`: a local HF directory as the class its config names (an encoder stays an
-  encoder, unlike ``AutoModelForCausalLM``), safetensors only.
 - :func:`contrastive_loss`: a loss for an encoder that has none, for FWSVD's Fisher and the
   sensitivity allocation: InfoNCE (temperature 0.05) between the mean-pooled embeddings of the
   two halves of each window, the other windows of the batch as negatives -- adjacent text
@@ -18,7 +16,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,31 +25,6 @@ from torch import nn
 from rankwise.errors import RankwiseError
 
 CONTRASTIVE_TEMPERATURE = 0.05
-
-
-def load_model(directory: str):
-    """``(model, tokenizer)`` of a local HF directory: the class its config names (an encoder stays an
-    encoder), safetensors weights only."""
-    import transformers
-
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise RankwiseError(f"{path} is not a Hugging Face model directory (no config.json); for a directory written "
-                            "by rankwise compress use rankwise.load_compressed")
-    if not any(path.glob("*.safetensors")):
-        raise RankwiseError(f"{path} has no .safetensors weights; rankwise does not load pickled checkpoints")
-    config = transformers.AutoConfig.from_pretrained(path)
-    classes = [getattr(transformers, name, None) for name in getattr(config, "architectures", None) or []]
-    cls = next((c for c in classes if isinstance(c, type)), None)
-    if cls is None:
-        cls = (transformers.AutoModelForCausalLM if type(config) in transformers.AutoModelForCausalLM._model_mapping
-               else transformers.AutoModel)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise RankwiseError(f"cannot load a tokenizer from {path} ({error}); save one there with "
-                            "tokenizer.save_pretrained(dir)") from None
-    return cls.from_pretrained(path, use_safetensors=True).eval(), tokenizer
 
 
 def is_causal_lm(model: nn.Module) -> bool:

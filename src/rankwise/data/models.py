@@ -309,7 +309,9 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _load_tokenizer(directory: Path) -> Any:
+def _load_tokenizer(directory: Path, required: bool = True) -> Any:
+    if not _has_tokenizer(directory) and not required:
+        return None
     if not _has_tokenizer(directory):
         raise RankwiseError(
             f"{directory} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the model's tokenizer there "
@@ -357,8 +359,6 @@ def load_base_reference(reference: dict[str, Any]) -> LoadedModel:
 
 def _load_adapter_directory(directory: Path, run: dict[str, Any] | None) -> LoadedModel:
     """An adapter directory (rankwise's or PEFT's) merged into the base it was trained on."""
-    from rankwise import adapters
-
     if run is not None and isinstance(run.get("base"), dict):
         reference = run["base"]
     else:
@@ -373,15 +373,24 @@ def _load_adapter_directory(directory: Path, run: dict[str, Any] | None) -> Load
             )
         reference = {"path": base_path}
     base = load_base_reference(reference)
-    root = base.adapter_module
-    if (directory / "rankwise_adapter.json").is_file() or _is_rankwise_config(directory / "adapter_config.json"):
-        adapters.load_adapter(root, directory)
-    else:
-        adapters.import_peft(root, directory)
-    adapters.unload(root)
+    merge_adapter_directory(base.adapter_module, directory)
     tokenizer = _load_tokenizer(directory) if _has_tokenizer(directory) else base.tokenizer
     return LoadedModel(base.model, tokenizer, base.objective, base.adapter_root,
                        f"the adapter in {directory} merged into {base.how}")
+
+
+def merge_adapter_directory(module: nn.Module, directory: str | Path) -> nn.Module:
+    """Merge the adapter in ``directory`` into ``module`` (in place; returned): rankwise's format
+    (also the layout of rankwise < 0.2, under PEFT's file names) through ``load_adapter``, any
+    other through ``import_peft`` (which says what it cannot read)."""
+    from rankwise import adapters
+
+    path = Path(directory)
+    if (path / "rankwise_adapter.json").is_file() or _is_rankwise_config(path / "adapter_config.json"):
+        adapters.load_adapter(module, path)
+    else:
+        adapters.import_peft(module, path)
+    return adapters.unload(module)
 
 
 def _is_rankwise_config(path: Path) -> bool:
@@ -391,7 +400,7 @@ def _is_rankwise_config(path: Path) -> bool:
         return False
 
 
-def load_model_dir(path: str | Path) -> LoadedModel:
+def load_model_dir(path: str | Path, *, tokenizer_required: bool = True) -> LoadedModel:
     """A model from a local directory (no download), whatever wrote it:
 
     - a Hugging Face model directory (config, safetensors weights, tokenizer): the class and
@@ -403,7 +412,8 @@ def load_model_dir(path: str | Path) -> LoadedModel:
       merged in.
 
     Weights are read from safetensors only (never pickles). The tokenizer gets its eos token
-    as pad token when it has none, so batches can be padded.
+    as pad token when it has none, so batches can be padded; a directory without one raises,
+    unless ``tokenizer_required=False`` (then ``tokenizer`` is None).
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -417,12 +427,21 @@ def load_model_dir(path: str | Path) -> LoadedModel:
         from rankwise.compress import load_compressed
 
         model = load_compressed(directory)
-        tokenizer = _load_tokenizer(directory)
+        tokenizer = _load_tokenizer(directory, tokenizer_required)
         return LoadedModel(model, tokenizer, "causal-lm", "", f"the factorised {type(model).__name__} in {directory}")
     _check_hf_directory(directory)
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = _load_tokenizer(directory, tokenizer_required)
     model, objective, root, how = _load_hf_model(directory)
     return LoadedModel(model, tokenizer, objective, root, how)
+
+
+def load_for_inference(path: str | Path, *, tokenizer_required: bool = True) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of :func:`load_model_dir` for reading or compressing a model: a
+    causal LM as it is, an encoder as its bare encoder (the ``*ForMaskedLM`` head dropped, as a
+    user of the encoder loads it with ``AutoModel``), in eval mode."""
+    loaded = load_model_dir(path, tokenizer_required=tokenizer_required)
+    model = loaded.model if loaded.objective == "causal-lm" else loaded.adapter_module
+    return model.eval(), loaded.tokenizer
 
 
 def load_user_model(path: str | Path) -> tuple[nn.Module, Any]:

@@ -88,10 +88,10 @@ def _subjects(context) -> list[Subject]:
     config = context.config
     shape = {"seq_len": config.seq_len, "batch_size": config.batch_size}
     if context.model_dir:
-        from rankwise.compress.evaluation import load_model
         from rankwise.data.corpus import load_text_files, split_documents
+        from rankwise.data.models import load_for_inference
 
-        model, tokenizer = load_model(context.model_dir)
+        model, tokenizer = load_for_inference(context.model_dir)
         train, held_out = split_documents(load_text_files(context.data_files))
         return [Subject(f"user {context.model_dir}", model, text_batches(model, train, tokenizer, max_batches=8, **shape),
                         text_batches(model, held_out, tokenizer, max_batches=config.eval_batches, **shape),
