@@ -43,6 +43,7 @@ def test_setup_trains_and_reports_every_column(suite, setup):
     assert row["setup"] == setup.name
     assert 0 < row["trainable_params"] <= sum(p.numel() for p in model.parameters())
     assert row["optimizer_state_mb"] > 0 and row["peak_memory_mb"] > 0 and row["ms_per_step"] > 0
+    assert row["forward_ms"] > 0
     assert math.isfinite(row["final_val_loss"])
     assert row["history"][-1]["step"] == CONFIG.steps
 
@@ -217,6 +218,26 @@ def test_the_table_has_stable_loss_columns_and_shows_the_loss_before_training():
     assert rows[0]["initial_val_loss"] == pytest.approx(evaluate(make_llama(hidden=32), workload().eval_data), abs=1e-6)
     assert rows[0]["early_val_loss"] == rows[0]["history"][0]["val_loss"] and rows[0]["early_step"] == 1
     assert "(start loss: validation loss before the first step; early loss: validation loss at step 1)" in format_table(rows)
+
+
+def test_the_suite_ratios_divide_by_its_adamw_and_lora_rows():
+    from rankwise.bench.report import with_ratios
+
+    rows = [
+        {"setup": "full", "method": "adamw", "kind": "full", "ms_per_step": 10.0, "optimizer_state_mb": 8.0,
+         "forward_ms": 2.0},
+        {"setup": "lora", "method": "lora", "kind": "adapter", "ms_per_step": 5.0, "optimizer_state_mb": 1.0,
+         "forward_ms": 4.0},
+        {"setup": "other", "method": "dora", "kind": "adapter", "ms_per_step": 7.5, "optimizer_state_mb": 1.0,
+         "forward_ms": 6.0},
+        {"setup": "skipped", "method": "x", "kind": "reference", "note": "not installed"},
+    ]
+    full, lora, other, skipped = with_ratios(rows)
+    assert (full["time_vs_adamw"], lora["time_vs_adamw"], lora["state_vs_adamw"]) == (1.0, 0.5, 0.125)
+    assert (lora["time_vs_lora"], other["time_vs_lora"], other["forward_vs_lora"]) == (1.0, 1.5, 1.5)
+    assert full["forward_vs_lora"] == 0.5 and skipped["time_vs_lora"] is None
+    assert "step/LoRA" in format_table(rows) and "fwd/LoRA" in format_table(rows)
+    assert "step/LoRA" not in format_table(rows[:1])  # no LoRA row: no LoRA columns
 
 
 def _fake_rows(count):

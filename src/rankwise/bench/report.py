@@ -16,6 +16,9 @@ COLUMNS = (
     ("peak_memory_mb", "peak MB", "{:.1f}"),
     ("ms_per_step", "ms/step", "{:.0f}"),
     ("time_vs_adamw", "time/AdamW", "{:.2f}"),
+    ("time_vs_lora", "step/LoRA", "{:.2f}"),
+    ("forward_ms", "fwd ms", "{:.1f}"),
+    ("forward_vs_lora", "fwd/LoRA", "{:.2f}"),
     ("refresh_ms_per_step", "refresh ms/step", "{:.1f}"),
     ("init_seconds", "init s", "{:.2f}"),
     ("initial_val_loss", "start loss", "{:.4f}"),
@@ -24,20 +27,26 @@ COLUMNS = (
     ("final_val_ppl", "val ppl", "{:.2f}"),
 )
 #: shown only when some row has a value
-OPTIONAL = ("state_vs_adamw", "time_vs_adamw", "refresh_ms_per_step", "initial_val_loss", "early_val_loss",
+OPTIONAL = ("state_vs_adamw", "time_vs_adamw", "time_vs_lora", "forward_ms", "forward_vs_lora", "refresh_ms_per_step", "initial_val_loss", "early_val_loss",
             "final_val_ppl")
 
 
 def with_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows plus ``state_vs_adamw`` / ``time_vs_adamw``: optimizer-state MB and ms/step over
-    those of the suite's AdamW baseline (its first trained ``adamw`` row), when it has one."""
-    baseline = next((r for r in rows if r.get("method") == "adamw" and r.get("kind") in ("full", "optim")
-                     and r.get("ms_per_step")), None)
-    if baseline is None:
-        return [dict(row) for row in rows]
-    ratios = {"state_vs_adamw": "optimizer_state_mb", "time_vs_adamw": "ms_per_step"}
-    return [dict(row, **{ratio: row[key] / baseline[key] if row.get(key) is not None and baseline[key] else None
-                         for ratio, key in ratios.items()}) for row in rows]
+    """Rows plus the ratios to the suite's baselines, where it has them: ``state_vs_adamw`` /
+    ``time_vs_adamw`` (optimizer-state MB and ms/step over those of its first trained ``adamw``
+    row) and ``time_vs_lora`` / ``forward_vs_lora`` (ms/step and evaluation-forward ms over
+    those of its first trained LoRA adapter row)."""
+    adamw = next((r for r in rows if r.get("method") == "adamw" and r.get("kind") in ("full", "optim")
+                  and r.get("ms_per_step")), None)
+    lora = next((r for r in rows if r.get("method") == "lora" and r.get("kind") == "adapter"
+                 and r.get("ms_per_step")), None)
+    ratios = []
+    if adamw is not None:
+        ratios += [("state_vs_adamw", "optimizer_state_mb", adamw), ("time_vs_adamw", "ms_per_step", adamw)]
+    if lora is not None:
+        ratios += [("time_vs_lora", "ms_per_step", lora), ("forward_vs_lora", "forward_ms", lora)]
+    return [dict(row, **{ratio: row[key] / baseline[key] if row.get(key) is not None and baseline.get(key) else None
+                         for ratio, key, baseline in ratios}) for row in rows]
 
 
 def _fmt(value: Any, pattern: str) -> str:

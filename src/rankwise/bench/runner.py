@@ -243,6 +243,7 @@ def run_setup(
         save=save,
     )
     history = earlier + result.history
+    forward_ms = _forward_ms(model, workload, config, device)
     row = {
         "setup": setup.name,
         "kind": setup.kind,
@@ -257,6 +258,7 @@ def run_setup(
                                 if hasattr(optimizer, "refresh_seconds") else None),
         "peak_memory_mb": result.peak_memory_mb,
         "ms_per_step": result.ms_per_step,
+        "forward_ms": forward_ms,
         "initial_val_loss": result.initial_val_loss if initial is None else initial,
         "early_val_loss": _early_val_loss(history, config.early_step),
         "early_step": config.early_step,
@@ -270,3 +272,32 @@ def run_setup(
         "setup_spec": asdict(setup),
     }
     return row, model
+
+
+#: timed evaluation forwards per set-up (after one warm-up); their median is ``forward_ms``
+FORWARD_REPEATS = 5
+
+
+def _forward_ms(model: nn.Module, workload: Workload, config: RunConfig, device: torch.device) -> float | None:
+    """Median wall time (ms) of the trained model's evaluation forward and loss on the first
+    validation batch, in eval mode without gradients (under bf16 autocast when the run used it):
+    the inference cost of the set-up's structure (an unmerged adapter, factorised layers ...)."""
+    if not workload.eval_data:
+        return None
+    batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in workload.eval_data[0].items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad(), autocast:
+            for repeat in range(FORWARD_REPEATS + 1):
+                started = time.perf_counter()
+                workload.objective.loss(model, batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if repeat:  # the first is a warm-up
+                    times.append(time.perf_counter() - started)
+    finally:
+        model.train(was_training)
+    return 1000.0 * sorted(times)[len(times) // 2]
