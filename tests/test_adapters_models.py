@@ -125,7 +125,7 @@ def test_every_method_on_gpt2_and_minilm(case, base, tmp_path):
         assert (p.grad is not None) == (id(p) in adapter_ids), name
 
     frozen = _snapshot_frozen(model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.lr)
     model.eval()
     with torch.no_grad():
         start = base.loss(model).item()  # in eval mode: BERT's dropout would make the comparison noisy
