@@ -123,3 +123,88 @@ def test_bone_row_exports_as_the_best_rank_k_lora_with_its_error(tmp_path):
     loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path / "full")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)
+
+
+# ----- MiSS, with PEFT's MiSS as the oracle ---------------------------------------------------
+
+MISS_VARIANTS = [("miss", {}, True), ("mini", {"mini_r": 8}, "mini"), ("bat", {}, "bat")]
+
+
+def peft_miss(model, variant_init, r, targets, **config):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.MissConfig(r=r, init_weights=variant_init, target_modules=targets,
+                                                       **config)).eval()
+
+
+def copy_blocks_into_peft(ours, theirs):
+    """PEFT's ``miss_block.default`` of every module set to the rankwise layer's block."""
+    with torch.no_grad():
+        for name, layer in adapter_layers(ours).items():
+            theirs.get_submodule(f"base_model.model.{name}").miss_block["default"].copy_(layer.bones())
+
+
+@pytest.mark.parametrize("variant, options, peft_init", MISS_VARIANTS, ids=[v[0] for v in MISS_VARIANTS])
+def test_miss_outputs_equal_peft_miss_and_the_export_loads_in_peft(variant, options, peft_init, tmp_path):
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = adapt(make_llama(), "miss", rank=4, targets=targets, variant=variant, **options)
+    for seed, layer in enumerate(adapter_layers(ours).values()):
+        fill(layer.miss_block, seed=seed, scale=0.05)
+    theirs = peft_miss(make_llama(), peft_init, 4, targets, mini_r=options.get("mini_r", 1))
+    copy_blocks_into_peft(ours, theirs)
+    batch = make_batch()
+    with torch.no_grad():
+        expected = theirs(**batch).logits
+        torch.testing.assert_close(ours(**batch).logits, expected, atol=ATOL, rtol=0)
+    report = export_peft(ours, tmp_path)
+    assert report["peft_type"] == "MISS" and report["exact"]
+    loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=ATOL, rtol=0)
+
+
+def test_miss_pads_an_input_width_that_r_does_not_divide_as_peft_does():
+    weight = constructed(5, 7, dtype=torch.float32)
+    ours = adapt(OneLayer(weight.clone()), "miss", rank=3, targets=["proj"])
+    fill(only_layer(ours).miss_block)
+    block = only_layer(ours).miss_block.detach()
+    expected = torch.zeros(5, 7)
+    for o in range(5):
+        for i in range(7):
+            expected[o, i] = block[i % 3, o]  # dW[o, i] = D[i mod r, o]
+    torch.testing.assert_close(only_layer(ours).delta_weight(), expected, atol=1e-7, rtol=0)
+    theirs = peft_miss(OneLayer(weight.clone()), True, 3, ["proj"])
+    copy_blocks_into_peft(ours, theirs)
+    x = torch.randn(4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours(x), x @ (weight + expected).T, atol=1e-6, rtol=0)
+
+
+def test_bone_col_is_peft_miss_bat():
+    targets = ["q_proj", "down_proj"]
+    ours = adapt(make_llama(), "bone", rank=4, targets=targets)
+    for seed, layer in enumerate(adapter_layers(ours).values()):
+        fill(layer.bone, seed=seed, scale=0.1)
+    theirs = peft_miss(make_llama(), "bat", 4, targets)
+    copy_blocks_into_peft(ours, theirs)
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_miss_mini_r_must_divide_the_output():
+    with pytest.raises(RankwiseError, match="mini_r=3 must divide out_features=32"):
+        adapt(make_llama(), "miss", rank=4, variant="mini", mini_r=3, targets=["q_proj"])
+
+
+def test_miss_update_is_exactly_rank_r_and_exports_as_an_exact_lora_on_gpt2():
+    from conftest import make_gpt2
+
+    model = adapt(make_gpt2(), "miss", rank=4, targets=["c_attn"])
+    for layer in adapter_layers(model).values():
+        fill(layer.miss_block, scale=0.1)
+        up, down = layer.lora_factors()
+        torch.testing.assert_close(up @ down, layer.delta_weight().float(), atol=1e-7, rtol=0)
+        assert torch.linalg.matrix_rank(layer.delta_weight().double()) == 4
+    assert all(layer.peft_native() is None for layer in adapter_layers(model).values())  # Conv1D: not PEFT's

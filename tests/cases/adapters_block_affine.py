@@ -7,3 +7,11 @@ CASES = [
     AdapterCase("bone", "bone", {}, False, True, lambda n_in, n_out, r: n_out * r, lr=1e-3),
     AdapterCase("bone-row", "bone", {"structure": "row"}, False, True, lambda n_in, n_out, r: n_in * r, lr=1e-3),
 ]
+
+CASES += [
+    # MiSS (PEFT's successor of Bone): D r x out on the summed input chunks; r x mini_r tiled; Bone-col ("bat")
+    AdapterCase("miss", "miss", {}, False, True, lambda n_in, n_out, r: r * n_out, lr=1e-3),
+    AdapterCase("miss-mini", "miss", {"variant": "mini", "mini_r": 8}, False, True, lambda n_in, n_out, r: r * 8,
+                lr=1e-3),
+    AdapterCase("miss-bat", "miss", {"variant": "bat"}, False, True, lambda n_in, n_out, r: n_out * r, lr=1e-3),
+]

@@ -92,7 +92,7 @@ class WeightGuidedLayer(AdapterLayer):
     def __init__(self, base: nn.Module, rank: int, alpha: float, **options: Any) -> None:
         super().__init__(base, rank, alpha, **options)
         r = self.rank
-        if self.in_features % r or self.out_features % r:
+        if self.guided and (self.in_features % r or self.out_features % r):
             common = [d for d in range(1, min(self.in_features, self.out_features) + 1)
                       if self.in_features % d == 0 and self.out_features % d == 0]
             raise self.error(
@@ -103,6 +103,11 @@ class WeightGuidedLayer(AdapterLayer):
     @property
     def structure(self) -> str:
         return "col"
+
+    @property
+    def guided(self) -> bool:
+        """Whether the update is the weight-guided one (a subclass may offer other forms)."""
+        return True
 
     def bones(self) -> torch.Tensor:
         return getattr(self, self.bones_name)
