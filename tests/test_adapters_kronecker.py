@@ -74,3 +74,60 @@ def test_outputs_equal_peft_lokr_and_the_export_loads_in_peft(config, tmp_path):
     loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=ATOL, rtol=0)
+
+
+# ----- Compacter -------------------------------------------------------------------------------
+
+
+def compacter_model(seed=0, **options):
+    from rankwise.adapters import adapt as adapt_model
+
+    model = adapt_model(make_llama(), "compacter", rank=8, alpha=16, targets=["q_proj", "down_proj"], **options)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.up_left.copy_(0.5 * torch.randn(layer.up_left.shape, generator=generator))
+    return model
+
+
+def test_compacter_lphm_is_the_sum_of_kronecker_products_and_applies_without_forming_it():
+    from rankwise.adapters.compacter import lphm, lphm_apply
+
+    generator = torch.Generator().manual_seed(0)
+    slow, left, right = (torch.randn(*shape, generator=generator) for shape in ((2, 2, 2), (2, 3), (2, 5)))
+    expected = sum(torch.kron(slow[i], torch.outer(left[i], right[i])) for i in range(2))
+    torch.testing.assert_close(lphm(slow, left, right), expected, atol=1e-6, rtol=0)
+    x = torch.randn(4, 10, generator=generator)
+    torch.testing.assert_close(lphm_apply(x, slow, left, right), x @ expected.T, atol=1e-5, rtol=0)
+
+
+def test_compacter_update_is_up_times_down_with_slow_weights_shared_by_all_layers(tmp_path):
+    from rankwise.adapters import load_adapter, save_adapter, trainable_parameters
+    from safetensors.torch import load_file
+
+    model = compacter_model()
+    layers = list(adapter_layers(model).values())
+    assert len({id(layer.phm_rule) for layer in layers}) == 1 and layers[0].phm_rule.requires_grad
+    for layer in layers:
+        up, down = layer.projections()
+        assert up.shape == (layer.out_features, 8) and down.shape == (8, layer.in_features)
+        torch.testing.assert_close(layer.delta_weight(), 2.0 * up @ down, atol=1e-6, rtol=0)
+        assert torch.linalg.matrix_rank(layer.delta_weight().detach()) <= 8
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(layer.adapter_forward(x), x @ layer.delta_weight().detach().T, atol=1e-5, rtol=0)
+    # n^3 slow weights once + (out + in + 2r) fast weights per layer: q_proj 32 x 32, down_proj 32 x 64
+    assert trainable_parameters(model) == 64 + 2 * (32 + 32 + 16) + 2 * (32 + 64 + 16)
+    save_adapter(model, tmp_path)
+    assert sum(key.endswith("phm_rule") for key in load_file(tmp_path / "adapter_model.safetensors")) == 1
+    loaded = load_adapter(make_llama(), tmp_path)
+    assert len({id(layer.phm_rule) for layer in adapter_layers(loaded).values()}) == 1
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_compacter_needs_n_to_divide_the_dimensions_and_the_rank():
+    from rankwise.errors import RankwiseError
+
+    with pytest.raises(RankwiseError, match="phm_dim n=3 must divide"):
+        adapt(make_llama(), "compacter", rank=6, targets=["q_proj"], phm_dim=3)

@@ -34,6 +34,8 @@ class AdapterCase:
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
     quantizes_base: bool = False
     lr: float = 1e-2
+    #: trainable entries shared by all layers of one adapt call (Compacter's slow weights), counted once
+    trainable_shared: int = 0
 
 
 def collect(prefix: str) -> list[Any]:

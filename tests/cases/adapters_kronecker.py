@@ -14,3 +14,9 @@ CASES = [
     AdapterCase("lokr-decompose-both", "lokr", {"decompose_both": True, "decompose_factor": 16}, False, True,
                 lambda n_in, n_out, r: lokr_parameters(n_in, n_out, r, decompose_both=True, decompose_factor=16)),
 ]
+
+CASES += [
+    # Compacter (arXiv 2106.04647): two LPHM layers (rank-one fast weights per layer), slow weights n^3 shared once
+    AdapterCase("compacter", "compacter", {}, False, True, lambda n_in, n_out, r: n_out + n_in + 2 * r,
+                trainable_shared=4 ** 3),
+]
