@@ -271,7 +271,7 @@ def test_trainable_parameter_count_matches_formula(case):
     expected = sum(
         case.trainable_per_layer(fresh.get_submodule(n).in_features, fresh.get_submodule(n).out_features, RANK)
         for n in match_targets(fresh, "all-linear")
-    )
+    ) + case.trainable_shared
     assert trainable_parameters(adapted(case)) == expected
 
 
@@ -280,7 +280,7 @@ def test_training_lowers_loss_changes_output_and_keeps_base(case, batch):
     model = adapted(case)
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
     reference = logits(make_llama(), batch)
-    losses = train(model, batch, steps=5)
+    losses = train(model, batch, steps=5, lr=case.lr)
     assert losses[-1] < losses[0]
     assert not torch.allclose(logits(model, batch), reference, atol=ATOL)
     for k, p in model.named_parameters():

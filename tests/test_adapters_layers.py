@@ -160,7 +160,7 @@ def test_a_peft_conv2d_adapter_imports_exactly(tmp_path):
         ("pissa", make_llama, ["embed_tokens"],
          "pissa cannot adapt layer 'model.embed_tokens': it is a Embedding (torch.nn.Embedding); pissa supports "
          "conv1d, linear; methods that take embedding: lora"),
-        ("adalora", ConvNet, ["conv1"], "methods that take conv2d: lora"),
+        ("adalora", ConvNet, ["conv1"], "methods that take conv2d: flora, lora"),
         ("eva", make_llama, ["embed_tokens", "q_proj"], "eva cannot adapt layer 'model.embed_tokens'"),
     ],
 )

@@ -109,7 +109,8 @@ def test_every_method_on_gpt2_and_minilm(case, base, tmp_path):
     model = base.adapt(case)
     layers = adapter_layers(model)
     assert sorted(layers) == sorted(base.names)
-    expected_count = sum(case.trainable_per_layer(w.shape[1], w.shape[0], RANK) for w in base.weights.values())
+    expected_count = (sum(case.trainable_per_layer(w.shape[1], w.shape[0], RANK) for w in base.weights.values())
+                      + case.trainable_shared)
     assert trainable_parameters(model) == expected_count
 
     out = base.output(model)
@@ -125,7 +126,7 @@ def test_every_method_on_gpt2_and_minilm(case, base, tmp_path):
         assert (p.grad is not None) == (id(p) in adapter_ids), name
 
     frozen = _snapshot_frozen(model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.lr)
     model.eval()
     with torch.no_grad():
         start = base.loss(model).item()  # in eval mode: BERT's dropout would make the comparison noisy

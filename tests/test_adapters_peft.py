@@ -13,6 +13,7 @@ that do not are in tests/test_adapters_peft_io.py).
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -26,6 +27,7 @@ from conftest import make_batch, make_llama
 from rankwise.adapters import adapt, adapter_layers, export_peft, import_peft, merge
 from rankwise.adapters.lora import LoraLayer
 from rankwise.errors import RankwiseError
+from rankwise.layers import dense_weight
 from test_adapters_peft_io import (  # noqa: F401  (the autouse fixture registers the test-only methods here too)
     ATOL,
     RANK,
@@ -47,14 +49,25 @@ PEFT_PREFIX = "base_model.model."
 
 
 def peft_deltas(peft_model) -> dict[str, torch.Tensor]:
-    """``{module path: PEFT's delta weight}`` -- the update PEFT applies, computed by PEFT."""
+    """``{module path: PEFT's delta weight}`` -- the update PEFT applies, computed by PEFT: LoRA's
+    ``get_delta_weight``; for PEFT's other formats (MiSS, LoHa, DoRA, ...) PEFT's own merge of a
+    copy of the layer, minus the base weight."""
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {
-        name.removeprefix(PEFT_PREFIX): module.get_delta_weight("default").float()
-        for name, module in peft_model.named_modules()
-        if isinstance(module, PeftLoraLayer)
-    }
+    deltas = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if isinstance(module, PeftLoraLayer) and not module.use_dora.get("default", False):
+            delta = module.get_delta_weight("default").float()
+        else:
+            before = dense_weight(module.get_base_layer(), torch.float32)
+            merged = copy.deepcopy(module)
+            merged.merge()
+            delta = dense_weight(merged.get_base_layer(), torch.float32) - before
+        deltas[name.removeprefix(PEFT_PREFIX)] = delta
+    return deltas
 
 
 def randomise_peft_b(peft_model, seed=0):

@@ -84,7 +84,7 @@ def test_every_method_on_an_nf4_base(case, batch, tmp_path):
     assert all(layer.quantized and layer.base.weight.dtype == torch.uint8 for layer in layers.values())
     codes = {name: layer.base.weight.data.clone() for name, layer in layers.items()}
     adapter_ids = {id(p) for layer in layers.values() for k, p in layer.named_parameters() if not k.startswith("base.")}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=case.lr)
     model.train()
     for step in range(3):
         optimizer.zero_grad()

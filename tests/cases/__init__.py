@@ -21,7 +21,9 @@ class AdapterCase:
     equals the base model's before training; trainable_per_layer(n_in, n_out, r): the paper's
     trainable-parameter count for one adapted ``n_out x n_in`` layer at rank r; quantizes_base: the
     method replaces the base by its quantization (LoftQ), so the original weight is not kept and
-    merges are lossy.
+    merges are lossy; lr: the Adam learning rate of the suite's "training lowers the loss" steps
+    (1e-2 suits LoRA-scaled updates; a method whose one step moves the update much more, e.g. a
+    matrix shared by many blocks, gives the smaller rate its paper trains with).
     """
 
     id: str
@@ -31,6 +33,9 @@ class AdapterCase:
     identity_at_init: bool = True
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
     quantizes_base: bool = False
+    lr: float = 1e-2
+    #: trainable entries shared by all layers of one adapt call (Compacter's slow weights), counted once
+    trainable_shared: int = 0
 
 
 def collect(prefix: str) -> list[Any]:

@@ -41,4 +41,17 @@ SETUPS: list[SetUp] = [
     SetUp("increlora (capacity 12)", "adapter", "increlora", lr=3e-3, rank=12,
           options={"init_r": 2, "target_r": 8, "incre_interval": 10}, default=False),
     SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
+    # Adapters II, group adapters2a (block-affine, tensor-network, weight-decomposed, Hadamard / Kronecker,
+    # Tucker). Bone's paper trains Bone, LoRA and PiSSA at one learning rate (2e-5 on LLaMA2-7B), so
+    # bone / miss take LoRA's; DoRA, LoHa, LoKr and FLoRA follow LoRA's rate as their papers / PEFT do;
+    # MPS uses s = alpha / chi like LoRA; Compacter's paper trains at 3e-3.
+    SetUp("bone", "adapter", "bone", lr=3e-3, rank=8, default=False),
+    SetUp("bone (row)", "adapter", "bone", lr=3e-3, rank=8, options={"structure": "row"}, default=False),
+    SetUp("miss", "adapter", "miss", lr=3e-3, rank=8, default=False),
+    SetUp("mps", "adapter", "mps", lr=3e-3, rank=8, default=False),
+    SetUp("dora", "adapter", "dora", lr=3e-3, rank=8, default=False),
+    SetUp("loha", "adapter", "loha", lr=3e-3, rank=8, default=False),
+    SetUp("lokr", "adapter", "lokr", lr=3e-3, rank=8, default=False),
+    SetUp("flora", "adapter", "flora", lr=3e-3, rank=8, default=False),
+    SetUp("compacter", "adapter", "compacter", lr=3e-3, rank=8, default=False),
 ]
