@@ -47,13 +47,14 @@ PEFT_PREFIX = "base_model.model."
 
 
 def peft_deltas(peft_model) -> dict[str, torch.Tensor]:
-    """``{module path: PEFT's delta weight}`` -- the update PEFT applies, computed by PEFT."""
-    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    """``{module path: PEFT's delta weight}`` -- the update PEFT applies, computed by PEFT (any of its
+    tuner layers: LoRA, or a method's own format written by ``peft_native``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     return {
         name.removeprefix(PEFT_PREFIX): module.get_delta_weight("default").float()
         for name, module in peft_model.named_modules()
-        if isinstance(module, PeftLoraLayer)
+        if isinstance(module, BaseTunerLayer)
     }
 
 

@@ -73,6 +73,10 @@ MUTATIONS: list[Mutation] = [
     Mutation("lora_sb skips its base rewrite", "src/rankwise/adapters/lora_sb.py",
              '        return not self.options["start_from_update"]\n', "        return False\n",
              ("tests/test_adapters_datadriven.py", "-k", "lora_sb")),
+    Mutation("vera unmerged forward drops lambda_d", "src/rankwise/adapters/vera.py",
+             "        hidden = self.project_in(x, down) * self.lambda_d\n",
+             "        hidden = self.project_in(x, down)\n",
+             ("tests/test_adapters_random_basis.py", "-k", "vera")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",
