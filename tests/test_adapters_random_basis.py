@@ -176,3 +176,74 @@ def test_vera_adapter_file_is_out_plus_r_numbers_per_layer(tmp_path):
     stored = load_file(tmp_path / "adapter_model.safetensors")
     assert sum(t.numel() for t in stored.values()) == sum(layer.out_features + RANK
                                                           for layer in adapter_layers(model).values())
+
+
+# ----- RandLoRA --------------------------------------------------------------------------------
+
+
+def test_randlora_update_is_the_papers_sum_of_scaled_bases():
+    model = perturb(adapt(make_llama(), "randlora", rank=RANK, alpha=3.0, targets=["q_proj", "up_proj", "down_proj"]),
+                    scale=0.5)
+    for layer in adapter_layers(model).values():
+        m, big = min(layer.out_features, layer.in_features), max(layer.out_features, layer.in_features)
+        bases = -(-m // RANK)
+        A = layer.randlora_A[:RANK, 0, :m]
+        flat_b = layer.randlora_B[:big, :bases, :RANK].reshape(big, -1)
+        expected = sum(flat_b[:, i::bases] @ torch.diag(layer.lambdas[:, i]) @ A @ torch.diag(layer.gammas[i])
+                       for i in range(bases))
+        expected = (3.0 / RANK) * (expected if layer.in_features == m else expected.T)
+        torch.testing.assert_close(layer.delta_weight(), expected, atol=1e-5, rtol=1e-5)
+        x = torch.randn(5, layer.in_features)
+        torch.testing.assert_close(layer.adapter_forward(x), x @ expected.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32)])
+def test_randlora_update_is_full_rank_from_O_n_trainable_scalars(shape):
+    out_features, in_features = shape
+    m = min(shape)
+    rank = m // 2  # two bases: 2 (r + m) = 3 m trainable scalars, against m * max(shape) for the dense update
+    model = perturb(adapt(torch.nn.Sequential(torch.nn.Linear(in_features, out_features)), "randlora", rank=rank),
+                    scale=1.0)
+    layer = adapter_layers(model)["0"]
+    assert trainable_parameters(model) == 3 * m
+    assert torch.linalg.matrix_rank(layer.delta_weight()) == m  # full rank, though each term has rank r
+    up, down = (factor.detach().double() for factor in layer.factors())
+    assert torch.linalg.matrix_rank(up[:, 0::2] @ down[0::2]) == rank  # the first basis term alone
+    lora = perturb(adapt(torch.nn.Sequential(torch.nn.Linear(in_features, out_features)), "lora", rank=rank), scale=1.0)
+    assert torch.linalg.matrix_rank(adapter_layers(lora)["0"].delta_weight()) == rank
+    assert trainable_parameters(lora) > trainable_parameters(model)
+
+
+def test_randlora_matches_peft_randlora_with_copied_bases_and_exports_to_it(batch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = perturb(adapt(make_llama(), "randlora", rank=RANK, alpha=2 * RANK), scale=0.5)
+    reference = peft.get_peft_model(make_llama(), peft.RandLoraConfig(r=RANK, randlora_alpha=2 * RANK,
+                                                                      target_modules="all-linear"))
+    layers = adapter_layers(model)
+    first = next(iter(layers.values()))
+    with torch.no_grad():
+        # PEFT draws its bases in bf16 and normalises them: copy ours in (the oracle checks the update's form)
+        assert reference.base_model.randlora_A["default"].shape == first.randlora_A.shape
+        assert reference.base_model.randlora_B["default"].shape == first.randlora_B.shape
+        reference.base_model.randlora_A["default"].copy_(first.randlora_A)
+        reference.base_model.randlora_B["default"].copy_(first.randlora_B)
+        for name, layer in layers.items():
+            module = reference.get_submodule(f"base_model.model.{name}")
+            module.randlora_lambda["default"].copy_(layer.lambdas)
+            module.randlora_gamma["default"].copy_(layer.gammas)
+    expected = logits(model, batch)
+    assert not torch.allclose(expected, logits(make_llama(), batch), atol=1e-3)
+    torch.testing.assert_close(logits(reference, batch), expected, atol=ATOL, rtol=0)
+    report = export_peft(model, tmp_path)
+    assert report["peft_type"] == "RANDLORA" and report["exact"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["randlora_alpha"] == 2 * RANK
+    loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
+
+
+def test_randlora_init_is_lambda_zero_gamma_one_over_m():
+    model = adapt(make_llama(), "randlora", rank=RANK)
+    for layer in adapter_layers(model).values():
+        assert torch.equal(layer.lambdas, torch.zeros_like(layer.lambdas))
+        m = min(layer.out_features, layer.in_features)
+        assert torch.equal(layer.gammas, torch.full_like(layer.gammas, 1.0 / m))

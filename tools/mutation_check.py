@@ -77,6 +77,10 @@ MUTATIONS: list[Mutation] = [
              "        hidden = self.project_in(x, down) * self.lambda_d\n",
              "        hidden = self.project_in(x, down)\n",
              ("tests/test_adapters_random_basis.py", "-k", "vera")),
+    Mutation("randlora pairs each Gamma_i with the wrong basis", "src/rankwise/adapters/randlora.py",
+             "        scaled = self.lambdas[:, :, None] * shared_a * self.gammas[None]\n",
+             "        scaled = self.lambdas[:, :, None] * shared_a * self.gammas.flip(0)[None]\n",
+             ("tests/test_adapters_random_basis.py", "-k", "randlora")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

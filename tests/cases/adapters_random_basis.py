@@ -1,6 +1,14 @@
 from cases import AdapterCase
 
+
+def randlora_count(n_in: int, n_out: int, r: int) -> int:
+    """N (r + m) with m = min(in, out), N = ceil(m / r)."""
+    m = min(n_in, n_out)
+    return -(-m // r) * (r + m)
+
+
 CASES = [
     AdapterCase("vera", "vera", {}, False, True, lambda n_in, n_out, r: n_out + r),
     AdapterCase("vera-seed-7", "vera", {"seed": 7, "d_initial": 0.5}, False, True, lambda n_in, n_out, r: n_out + r),
+    AdapterCase("randlora", "randlora", {}, False, True, randlora_count),
 ]
