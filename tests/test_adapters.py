@@ -271,7 +271,7 @@ def test_trainable_parameter_count_matches_formula(case):
     expected = sum(
         case.trainable_per_layer(fresh.get_submodule(n).in_features, fresh.get_submodule(n).out_features, RANK)
         for n in match_targets(fresh, "all-linear")
-    )
+    ) + case.trainable_shared
     assert trainable_parameters(adapted(case)) == expected
 
 

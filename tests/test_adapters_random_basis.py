@@ -247,3 +247,83 @@ def test_randlora_init_is_lambda_zero_gamma_one_over_m():
         assert torch.equal(layer.lambdas, torch.zeros_like(layer.lambdas))
         m = min(layer.out_features, layer.in_features)
         assert torch.equal(layer.gammas, torch.full_like(layer.gammas, 1.0 / m))
+
+
+# ----- Uni-LoRA --------------------------------------------------------------------------------
+
+
+def unilora_projection(model) -> torch.Tensor:
+    """The dense ``D x d`` matrix ``P`` (layers in name order, A then B) built from the layers' buffers."""
+    layers = adapter_layers(model)
+    length = next(iter(layers.values())).theta_d.numel()
+    rows = []
+    for name in sorted(layers):
+        layer = layers[name]
+        for index, scale in ((layer.index_A, layer.scale_A), (layer.index_B, layer.scale_B)):
+            block = torch.zeros(index.numel(), length)
+            block[torch.arange(index.numel()), index.flatten()] = scale.flatten()
+            rows.append(block)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("length", [256, 1000, 5000])
+def test_unilora_projection_is_an_isometry_onto_all_lora_factors(length):
+    model = adapt(make_llama(), "unilora", rank=RANK, theta_d_length=length)
+    layers = adapter_layers(model)
+    projection = unilora_projection(model)
+    total = sum(RANK * (layer.in_features + layer.out_features) for layer in layers.values())
+    assert projection.shape == (total, length)
+    assert ((projection != 0).sum(dim=1) == 1).all()  # one non-zero per row
+    used = min(total, length)  # with d > D some columns stay unused (zero), the rest are orthonormal
+    gram = projection.T @ projection
+    torch.testing.assert_close(gram.diagonal().sort(descending=True).values[:used], torch.ones(used))
+    torch.testing.assert_close(gram - torch.diag(gram.diagonal()), torch.zeros_like(gram))
+    counts = (projection != 0).sum(dim=0)
+    assert counts.max() - counts.min() <= 1  # balanced: every column floor(D / d) or ceil(D / d) rows
+    # the one vector is every layer's A and B: theta_D = P theta_d, in name order
+    theta = next(iter(layers.values())).theta_d.detach()
+    flat = torch.cat([t.flatten() for name in sorted(layers)
+                      for t in reversed(layers[name].factors())]).detach()
+    torch.testing.assert_close(flat, projection @ theta)
+
+
+def test_unilora_trains_one_global_vector(batch):
+    model = adapt(make_llama(), "unilora", rank=RANK, theta_d_length=300)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].shape == (300,)
+    assert len({id(layer.theta_d) for layer in adapter_layers(model).values()}) == 1
+    model.train()
+    model(**batch).loss.backward()
+    assert trainable[0].grad is not None and trainable[0].grad.abs().sum() > 0
+    bound_model = adapt(make_llama(), "unilora", rank=RANK, init_bound=0.5)
+    theta = next(iter(adapter_layers(bound_model).values())).theta_d
+    assert theta.abs().max() <= 0.5 and theta.abs().max() > 0.25
+
+
+def test_unilora_index_map_does_not_depend_on_the_layer_order(tmp_path):
+    """make_shared sees the layers in model order at adapt and in saved-config (sorted) order at load."""
+    from rankwise.adapters.unilora import UniLoraLayer
+
+    model = make_llama()
+    bases = {n: model.get_submodule(n) for n in ["model.layers.1.mlp.up_proj", "model.layers.0.self_attn.q_proj"]}
+    options = UniLoraLayer.resolve_options({}, owner="test")
+    forward = UniLoraLayer.make_shared(bases, RANK, options)
+    backward = UniLoraLayer.make_shared(dict(reversed(list(bases.items()))), RANK, options)
+    for key in forward:
+        if key != "theta_d":
+            assert torch.equal(forward[key], backward[key]), key
+
+
+def test_unilora_exports_to_peft_unilora_with_identical_outputs(batch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = perturb(adapt(make_llama(), "unilora", rank=RANK, alpha=2 * RANK, theta_d_length=200), scale=0.3)
+    expected = logits(model, batch)
+    report = export_peft(model, tmp_path)
+    assert report["peft_type"] == "UNILORA" and report["exact"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["theta_d_length"] == 200 and config["save_indices"] is True
+    loaded = peft.PeftModel.from_pretrained(make_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
+    # PEFT's one vector is ours (the scaling s = alpha / r went into its scales of B)
+    theta = next(iter(adapter_layers(model).values())).theta_d
+    assert torch.equal(loaded.base_model.unilora_theta_d["default"].detach(), theta.detach())

@@ -81,6 +81,10 @@ MUTATIONS: list[Mutation] = [
              "        scaled = self.lambdas[:, :, None] * shared_a * self.gammas[None]\n",
              "        scaled = self.lambdas[:, :, None] * shared_a * self.gammas.flip(0)[None]\n",
              ("tests/test_adapters_random_basis.py", "-k", "randlora")),
+    Mutation("unilora projection loses its 1 / sqrt(n) column scales", "src/rankwise/adapters/unilora.py",
+             "        scale = torch.bincount(assignment, minlength=length).float().clamp(min=1).rsqrt()\n",
+             "        scale = torch.ones(length)\n",
+             ("tests/test_adapters_random_basis.py", "-k", "unilora")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

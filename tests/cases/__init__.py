@@ -21,7 +21,8 @@ class AdapterCase:
     equals the base model's before training; trainable_per_layer(n_in, n_out, r): the paper's
     trainable-parameter count for one adapted ``n_out x n_in`` layer at rank r; quantizes_base: the
     method replaces the base by its quantization (LoftQ), so the original weight is not kept and
-    merges are lossy.
+    merges are lossy; trainable_shared: trainable parameters shared by all adapted layers, counted once
+    (Uni-LoRA's one global vector), added to the per-layer sum.
     """
 
     id: str
@@ -31,6 +32,7 @@ class AdapterCase:
     identity_at_init: bool = True
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
     quantizes_base: bool = False
+    trainable_shared: int = 0
 
 
 def collect(prefix: str) -> list[Any]:

@@ -11,4 +11,7 @@ CASES = [
     AdapterCase("vera", "vera", {}, False, True, lambda n_in, n_out, r: n_out + r),
     AdapterCase("vera-seed-7", "vera", {"seed": 7, "d_initial": 0.5}, False, True, lambda n_in, n_out, r: n_out + r),
     AdapterCase("randlora", "randlora", {}, False, True, randlora_count),
+    AdapterCase("unilora", "unilora", {}, False, False, lambda n_in, n_out, r: 0, trainable_shared=256),
+    AdapterCase("unilora-d-100", "unilora", {"theta_d_length": 100, "seed": 3}, False, False,
+                lambda n_in, n_out, r: 0, trainable_shared=100),
 ]
