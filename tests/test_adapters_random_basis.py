@@ -327,3 +327,33 @@ def test_unilora_exports_to_peft_unilora_with_identical_outputs(batch, tmp_path)
     # PEFT's one vector is ours (the scaling s = alpha / r went into its scales of B)
     theta = next(iter(adapter_layers(model).values())).theta_d
     assert torch.equal(loaded.base_model.unilora_theta_d["default"].detach(), theta.detach())
+
+
+# ----- NOLA ------------------------------------------------------------------------------------
+
+
+def test_nola_update_is_the_papers_mixture_of_bases():
+    model = perturb(adapt(make_llama(), "nola", rank=RANK, alpha=3.0, num_basis_A=5, num_basis_B=7,
+                          targets=["q_proj", "down_proj"]), scale=0.5)
+    for layer in adapter_layers(model).values():
+        A = layer.A_0 + sum(layer.coefficients_A[i] * layer.bases_A[i] for i in range(5))
+        B = sum(layer.coefficients_B[j] * layer.bases_B[j] for j in range(7))
+        expected = (3.0 / RANK) * B @ A
+        torch.testing.assert_close(layer.delta_weight(), expected, atol=1e-6, rtol=1e-5)
+        x = torch.randn(5, layer.in_features)
+        torch.testing.assert_close(layer.adapter_forward(x), x @ expected.T, atol=1e-6, rtol=1e-5)
+        assert layer.bases_A.shape == (5, RANK, layer.in_features)
+        assert layer.bases_B.shape == (7, layer.out_features, RANK)
+        assert layer.bases_A.abs().max() <= 1 / 5 ** 0.5 and layer.bases_B.abs().max() <= 1 / 7 ** 0.5
+    first, second = list(adapter_layers(model).values())[:2]
+    assert not torch.equal(first.bases_A[:, :, :32], second.bases_A[:, :, :32])  # each layer has its own bases
+
+
+def test_nola_starts_with_zero_coefficients_and_trains_from_B():
+    model = adapt(make_llama(), "nola", rank=RANK, num_basis_A=8, num_basis_B=8)
+    layers = adapter_layers(model).values()
+    assert all(not layer.coefficients_A.any() and not layer.coefficients_B.any() for layer in layers)
+    assert all(not layer.delta_weight().any() for layer in layers)
+    model.train()
+    model(**make_batch()).loss.backward()
+    assert all(layer.coefficients_B.grad.abs().sum() > 0 for layer in layers)  # through the frozen A_0

@@ -85,6 +85,10 @@ MUTATIONS: list[Mutation] = [
              "        scale = torch.bincount(assignment, minlength=length).float().clamp(min=1).rsqrt()\n",
              "        scale = torch.ones(length)\n",
              ("tests/test_adapters_random_basis.py", "-k", "unilora")),
+    Mutation("nola loses its frozen A_0", "src/rankwise/adapters/nola.py",
+             '        down = self.A_0 + torch.einsum("k,kri->ri", self.coefficients_A, self.bases_A)\n',
+             '        down = torch.einsum("k,kri->ri", self.coefficients_A, self.bases_A)\n',
+             ("tests/test_adapters_random_basis.py", "-k", "nola")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

@@ -14,4 +14,5 @@ CASES = [
     AdapterCase("unilora", "unilora", {}, False, False, lambda n_in, n_out, r: 0, trainable_shared=256),
     AdapterCase("unilora-d-100", "unilora", {"theta_d_length": 100, "seed": 3}, False, False,
                 lambda n_in, n_out, r: 0, trainable_shared=100),
+    AdapterCase("nola", "nola", {"num_basis_A": 32, "num_basis_B": 24}, False, True, lambda n_in, n_out, r: 32 + 24),
 ]
