@@ -357,3 +357,97 @@ def test_nola_starts_with_zero_coefficients_and_trains_from_B():
     model.train()
     model(**make_batch()).loss.backward()
     assert all(layer.coefficients_B.grad.abs().sum() > 0 for layer in layers)  # through the frozen A_0
+
+
+# ----- MoS -------------------------------------------------------------------------------------
+
+
+def test_mos_factors_are_concatenated_shards_of_the_pools_and_private_shards():
+    model = perturb(adapt(make_llama(), "mos", rank=RANK, alpha=3.0, equivalent_rank=2, private_rank=1, shards=3),
+                    scale=0.5)
+    for layer in adapter_layers(model).values():
+        up, down = layer.factors()
+        for j in range(RANK):
+            if j < 1:
+                shards_a = [layer.private_A[j * 3 + t] for t in range(3)]
+                shards_b = [layer.private_B[j * 3 + t] for t in range(3)]
+            else:
+                shards_a = [layer.pool_A[layer.index_A[(j - 1) * 3 + t]] for t in range(3)]
+                shards_b = [layer.pool_B[layer.index_B[(j - 1) * 3 + t]] for t in range(3)]
+            assert torch.equal(down[j], torch.cat(shards_a)[: layer.in_features])  # 32 or 64 cut from 3 x 11 / 3 x 22
+            assert torch.equal(up[:, j], torch.cat(shards_b)[: layer.out_features])
+        expected = (3.0 / RANK) * up @ down
+        torch.testing.assert_close(layer.delta_weight(), expected)
+        x = torch.randn(5, layer.in_features)
+        torch.testing.assert_close(layer.adapter_forward(x), x @ expected.T, atol=1e-6, rtol=1e-5)
+
+
+def test_mos_update_has_rank_r_from_the_parameters_of_a_rank_r_e_lora():
+    # the 8 attention projections share one pool of 8 (2 - 1) 2 = 16 shards: 14 public slots per layer fit without repeats
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = perturb(adapt(make_llama(), "mos", rank=8, equivalent_rank=2, private_rank=1, shards=2, targets=attention),
+                    scale=0.5)
+    lora = adapt(make_llama(), "lora", rank=2, targets=attention)
+    assert trainable_parameters(model) == trainable_parameters(lora)  # 2 divides every dimension: r_e (in + out)
+    for layer in adapter_layers(model).values():
+        assert torch.linalg.matrix_rank(layer.delta_weight()) == 8
+
+
+def test_mos_pools_are_shared_by_same_shaped_layers_and_sized_by_the_budget():
+    model = adapt(make_llama(), "mos", rank=RANK, equivalent_rank=2, private_rank=1, shards=2)
+    layers = adapter_layers(model)
+    by_shape: dict = {}
+    for layer in layers.values():
+        by_shape.setdefault((layer.out_features, layer.in_features), []).append(layer)
+    assert len(by_shape) == 3  # q/k/v/o 32 x 32, gate/up 64 x 32, down 32 x 64
+    for (out_features, in_features), group in by_shape.items():
+        assert all(layer.pool_A is group[0].pool_A and layer.pool_B is group[0].pool_B for layer in group)
+        assert group[0].pool_A.shape == (len(group) * (2 - 1) * 2, in_features // 2)
+        assert group[0].pool_B.shape == (len(group) * (2 - 1) * 2, out_features // 2)
+        assert len({id(layer.private_A) for layer in group}) == len(group)  # privatized shards: one set per layer
+    assert len({id(g[0].pool_A) for g in by_shape.values()}) == 3
+
+
+@pytest.mark.parametrize("subset_selection", [True, False])
+@pytest.mark.parametrize("pair_dissociation", [True, False])
+def test_mos_subset_selection_and_pair_dissociation(subset_selection, pair_dissociation):
+    model = adapt(make_llama(), "mos", rank=RANK, equivalent_rank=2, private_rank=0, shards=2,
+                  subset_selection=subset_selection, pair_dissociation=pair_dissociation)
+    group = [layer for layer in adapter_layers(model).values() if layer.out_features == layer.in_features]
+    assert len(group) == 8
+    pool = group[0].pool_A.shape[0]
+    for layer in group:
+        assert torch.equal(layer.index_A, layer.index_B) != pair_dissociation
+        # a random subset: no shard taken more often than ceil(slots / pool) within a layer
+        assert torch.bincount(layer.index_A, minlength=pool).max() <= -(-RANK * 2 // pool)
+    same_a = all(torch.equal(layer.index_A, group[0].index_A) for layer in group)
+    same_b = all(torch.equal(layer.index_B, group[0].index_B) for layer in group)
+    assert same_a == same_b == (not subset_selection)
+
+
+def test_mos_whole_vectors_without_sharding():
+    model = adapt(make_llama(), "mos", rank=RANK, equivalent_rank=2, private_rank=0, shards=1)
+    layer = adapter_layers(model)["model.layers.0.mlp.up_proj"]
+    assert layer.pool_A.shape[1] == layer.in_features and layer.pool_B.shape[1] == layer.out_features
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"equivalent_rank": 5}, "equivalent_rank=5 exceeds rank=4"),
+    ({"equivalent_rank": 2, "private_rank": 2}, "private_rank=2 leaves no public pool"),
+    ({"equivalent_rank": 2, "private_rank": 3}, "private_rank=3 leaves no public pool"),
+])
+def test_mos_refuses_budgets_it_cannot_build_and_leaves_the_model(options, message):
+    from rankwise.errors import RankwiseError
+
+    model = make_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RankwiseError, match=message):
+        adapt(model, "mos", rank=RANK, **options)
+    assert not adapter_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_mos_with_every_vector_private_is_a_lora():
+    model = adapt(make_llama(), "mos", rank=RANK, equivalent_rank=RANK, private_rank=RANK, shards=1)
+    assert trainable_parameters(model) == trainable_parameters(adapt(make_llama(), "lora", rank=RANK))
+    assert all(not hasattr(layer, "pool_A") for layer in adapter_layers(model).values())

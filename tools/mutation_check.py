@@ -89,6 +89,10 @@ MUTATIONS: list[Mutation] = [
              '        down = self.A_0 + torch.einsum("k,kri->ri", self.coefficients_A, self.bases_A)\n',
              '        down = torch.einsum("k,kri->ri", self.coefficients_A, self.bases_A)\n',
              ("tests/test_adapters_random_basis.py", "-k", "nola")),
+    Mutation("mos ties A and B shards despite pair_dissociation", "src/rankwise/adapters/mos.py",
+             '                    index_b = spread_choice(slots, pool, generator) if options["pair_dissociation"] else index_a\n',
+             "                    index_b = index_a\n",
+             ("tests/test_adapters_random_basis.py", "-k", "mos")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",
