@@ -451,3 +451,22 @@ def test_mos_with_every_vector_private_is_a_lora():
     model = adapt(make_llama(), "mos", rank=RANK, equivalent_rank=RANK, private_rank=RANK, shards=1)
     assert trainable_parameters(model) == trainable_parameters(adapt(make_llama(), "lora", rank=RANK))
     assert all(not hasattr(layer, "pool_A") for layer in adapter_layers(model).values())
+
+
+# ----- the native PEFT exports on GPT-2's Conv1D layers (fan_in_fan_out) -------------------------
+
+
+@pytest.mark.parametrize("method, options, peft_type", [
+    ("vera", {}, "VERA"), ("randlora", {}, "RANDLORA"), ("unilora", {"theta_d_length": 300}, "UNILORA"),
+])
+def test_native_exports_load_in_peft_on_gpt2(method, options, peft_type, tmp_path):
+    peft = pytest.importorskip("peft")
+    batch = make_batch()
+    model = perturb(adapt(make_gpt2(), method, rank=RANK, alpha=2 * RANK, **options), scale=0.3)
+    expected = logits(model, batch)
+    assert not torch.allclose(expected, logits(make_gpt2(), batch), atol=1e-3)
+    report = export_peft(model, tmp_path)
+    assert report["peft_type"] == peft_type
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(make_gpt2(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
