@@ -13,13 +13,13 @@ with ``A`` (``r x m``, shared by the N terms) and ``B_i`` (``M x r``) frozen ran
 ``Lambda_i = diag(lambda[:, i])`` (``r x r``) and ``Gamma_i = diag(gamma[i])`` (``m x m``)
 trainable, and ``s = alpha / r``. Each term has rank at most ``r``; their sum has rank ``m``
 (full) for generic values: ``N (r + m)`` trainable scalars per layer -- O(m) per basis, about
-``m + m^2 / r`` in all, against ``r (m + M)`` for LoRA at rank ``r``. Init (the authors' release
-in PEFT): ``lambda = 0`` (the model equals the base at init), ``gamma = 1 / m``.
+``m + m^2 / r`` in all, against ``r (m + M)`` for LoRA at rank ``r``. Init: ``lambda = 0`` (the
+model equals the base at init), ``gamma = 1 / m`` (PEFT's RandLoRA init).
 
 Layout: one random ``A`` (``r x 1 x m_max``) and one ``B`` (``M_max x N_max x r``) for the whole
 model, sliced to each layer (``m_max`` / ``M_max`` / ``N_max`` from the largest adapted shape);
 flattening ``B[:M, :N]`` to ``M x N r`` gives ``B_i`` as the columns ``i, i + N, i + 2N, ...``.
-This is the layout of PEFT's RandLoRA (written by the paper's first author), so ``export_peft``
+This is the layout of PEFT's RandLoRA, so ``export_peft``
 writes PEFT's own format (``peft_native``, ``randlora_alpha = alpha``) exactly.
 Both are drawn from ``seed`` on the CPU (:mod:`~rankwise.adapters.random_basis_family`),
 uniform and scaled to unit variance, and are not saved.

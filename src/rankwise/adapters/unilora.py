@@ -1,7 +1,6 @@
 """Uni-LoRA: one trainable vector for the whole model, mapped isometrically onto every layer's LoRA factors.
 
-Li, Zhang, Wang et al. 2025, "Uni-LoRA: One Vector is All You Need", arXiv 2506.00799
-(NeurIPS 2025).
+Uni-LoRA, 2025: "Uni-LoRA: One Vector is All You Need", arXiv 2506.00799.
 
 Concatenate the LoRA factors ``A_l`` (``r x in_l``) and ``B_l`` (``out_l x r``) of all ``L``
 adapted layers into one vector ``theta_D`` of length ``D = sum_l r (in_l + out_l)``. Uni-LoRA
@@ -11,8 +10,8 @@ trains only ``theta_d`` (length ``d << D``) and sets
 
 where ``c(j)`` is the (fixed, random) column of row ``j`` and ``n_c`` the number of rows mapped
 to column ``c``. Every row has one non-zero and the columns have disjoint supports of unit
-norm, so ``P^T P = I_d``: ``P`` is an isometry (``||P theta_d|| = ||theta_d||``) -- the property
-the paper singles out against VeRA / VB-LoRA / Tied-LoRA's projections. The assignment is
+norm, so ``P^T P = I_d``: ``P`` is an isometry (``||P theta_d|| = ||theta_d||``), the property
+the paper's projection is built for. The assignment is
 balanced (each column receives ``floor(D / d)`` or ``ceil(D / d)`` rows, then shuffled), as in
 the authors' release, so every entry of ``theta_d`` is used. Per layer
 
