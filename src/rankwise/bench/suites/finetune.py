@@ -54,4 +54,13 @@ SETUPS: list[SetUp] = [
     SetUp("lokr", "adapter", "lokr", lr=3e-3, rank=8, default=False),
     SetUp("flora", "adapter", "flora", lr=3e-3, rank=8, default=False),
     SetUp("compacter", "adapter", "compacter", lr=3e-3, rank=8, default=False),
+    # adapters2b, random-basis and shared adapters: few trainable values on frozen random tensors, so the
+    # vector-scale methods take the larger learning rates their papers use (VeRA 1e-2; NOLA, Uni-LoRA alike);
+    # RandLoRA at PEFT's default scale alpha = 20 r; MoS at LoRA's rate with an 8x smaller budget (r_e = 1)
+    SetUp("vera (r 128)", "adapter", "vera", lr=1e-2, rank=128, default=False),
+    SetUp("randlora (alpha 20r)", "adapter", "randlora", lr=3e-3, rank=8, options={"alpha": 160}, default=False),
+    SetUp("unilora (d 2048)", "adapter", "unilora", lr=1e-2, rank=8, options={"theta_d_length": 2048}, default=False),
+    SetUp("nola (k = l = 128)", "adapter", "nola", lr=1e-2, rank=8, options={"num_basis_A": 128, "num_basis_B": 128},
+          default=False),
+    SetUp("mos (r_e 1)", "adapter", "mos", lr=3e-3, rank=8, options={"equivalent_rank": 1}, default=False),
 ]
