@@ -73,6 +73,9 @@ MUTATIONS: list[Mutation] = [
     Mutation("lora_sb skips its base rewrite", "src/rankwise/adapters/lora_sb.py",
              '        return not self.options["start_from_update"]\n', "        return False\n",
              ("tests/test_adapters_datadriven.py", "-k", "lora_sb")),
+    Mutation("hydra's unmerge inverts (I + s B_s A_s) with the wrong Woodbury sign", "src/rankwise/adapters/hydra.py",
+             "            weight = rest - up @ solved\n", "            weight = rest + up @ solved\n",
+             ("tests/test_adapters_multibranch.py", "-k", "hydra")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

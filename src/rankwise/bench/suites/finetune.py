@@ -39,4 +39,6 @@ SETUPS: list[SetUp] = [
     SetUp("increlora (capacity 12)", "adapter", "increlora", lr=3e-3, rank=12,
           options={"init_r": 2, "target_r": 8, "incre_interval": 10}, default=False),
     SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
+    # ---- Adapters II, multi-branch / dimension-reduced, sparse and subspace (adapters2c)
+    SetUp("hydra", "adapter", "hydra", lr=3e-3, rank=8, default=False),
 ]
