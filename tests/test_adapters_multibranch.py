@@ -134,3 +134,126 @@ def test_hydra_exports_exactly_as_a_rank_r_plus_r_s_lora(tmp_path):
     x = torch.randn(3, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=ATOL, rtol=0)
+
+
+# ----- LaMDA -----------------------------------------------------------------------------------
+
+
+def lamda_layer(rank: int = 3, alpha: float = 6.0, **options):
+    model = linear_model()
+    weight = model[0].weight.detach().clone()
+    adapt(model, "lamda", rank=rank, alpha=alpha, targets=["0"], **options)
+    return model, adapter_layers(model)["0"], weight
+
+
+def test_lamda_svd_init_spans_the_principal_subspaces_with_a_zero_core():
+    model, layer, weight = lamda_layer()
+    u, s, vh = torch.linalg.svd(weight.double())
+    assert torch.count_nonzero(layer.lamda_S) == 0
+    best = (u[:, :3] * s[:3]) @ vh[:3]  # B diag(sigma_r) A is W0's best rank-3 approximation (sign-free check)
+    torch.testing.assert_close((layer.lamda_B.double() * s[:3]) @ layer.lamda_A.double(), best, atol=1e-5, rtol=0)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ weight.T + model[0].base.bias, atol=ATOL, rtol=0)
+
+
+def test_lamda_random_init_is_the_release_lora_with_a_square_core():
+    _, layer, _ = lamda_layer(init="random")
+    assert torch.count_nonzero(layer.lamda_B) == 0
+    assert 0 < layer.lamda_A.abs().max() <= 1 / 12 ** 0.5 and 0 < layer.lamda_S.abs().max() <= 1 / 3 ** 0.5
+
+
+def test_lamda_output_is_W0_x_plus_s_B_S_A_x_and_only_S_and_B_train():
+    model, layer, weight = lamda_layer()
+    randomise(layer)
+    assert not layer.lamda_A.requires_grad and "lamda_A" in dict(layer.named_buffers())
+    x = torch.randn(5, 12)
+    expected = x @ weight.T + model[0].base.bias + 2.0 * x @ (layer.lamda_B @ layer.lamda_S @ layer.lamda_A).T
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=ATOL, rtol=0)
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lamda_S", "lamda_B"}
+
+
+def test_lamda_freezes_B_column_by_column_and_adam_cannot_move_a_frozen_column(tmp_path):
+    from rankwise.adapters import after_step, load_adapter, save_adapter
+
+    model, layer, _ = lamda_layer(rank=4, freeze_fraction=0.5)
+    randomise(layer)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, target = torch.randn(8, 12), torch.randn(8, 10)
+    total, history = 20, []
+    for step in range(1, total + 1):
+        optimizer.zero_grad(set_to_none=True)
+        (model(x) - target).square().mean().backward()
+        optimizer.step()
+        after_step(model, step=step, total_steps=total, optimizer=optimizer)
+        history.append((int(layer.frozen_columns), layer.projection_B().detach().clone()))
+        if step == 6:
+            save_adapter(model, tmp_path)
+            with torch.no_grad():
+                expected = model(x)
+    # horizon t_i = 0.5 * 20 = 10 steps; column j freezes at step ceil((j + 1) * 10 / 4)
+    assert [count for count, _ in history] == [0, 0, 1, 1, 2, 2, 2, 3, 3, 4] + [4] * 10
+    for step, (count, columns) in enumerate(history[:-1]):
+        later = history[step + 1][1]
+        assert torch.equal(later[:, :count], columns[:, :count]), step  # frozen columns never move again
+        if count < 4:
+            assert not torch.allclose(later[:, count:], columns[:, count:]), step  # the others still train
+    assert torch.equal(layer.B_frozen, history[-1][1])
+    optimizer.zero_grad(set_to_none=True)
+    (model(x) - target).square().mean().backward()
+    assert layer.lamda_B.grad is None and layer.lamda_S.grad is not None  # B is out of the graph
+
+    loaded = load_adapter(linear_model(), tmp_path)
+    assert int(adapter_layers(loaded)["0"].frozen_columns) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=ATOL, rtol=0)
+
+
+def test_lamda_schedule_needs_the_total_steps():
+    from rankwise.adapters import after_step
+
+    model, _, _ = lamda_layer()
+    with pytest.raises(RankwiseError, match="total_steps"):
+        after_step(model, step=1, total_steps=0)
+
+
+def test_lamda_plus_plus_allocation_on_constructed_spectra():
+    from rankwise.adapters.lamda import spectral_ranks
+
+    spectra = {
+        "concentrated": torch.tensor([1.0, 0.0, 0.0, 0.0]),  # top-2 energy share 1: shortfall 0
+        "flat": torch.tensor([1.0, 1.0, 1.0, 1.0]),          # share 1/2: shortfall 1/2
+        "decaying": torch.tensor([2.0, 1.0, 1.0, 1.0]),      # share 5/7: shortfall 2/7
+    }
+    limits = {name: 4 for name in spectra}
+    # budget 3 * 2 = 6 split 0 : 1/2 : 2/7 -> 0, 3.82, 2.18 -> 0, 4, 2 (largest remainder); floor 1
+    assert spectral_ranks(spectra, 2, limits) == {"concentrated": 1, "flat": 4, "decaying": 2}
+    assert spectral_ranks(spectra, 2, {**limits, "flat": 3}) == {"concentrated": 1, "flat": 3, "decaying": 2}
+
+
+def test_lamda_plus_plus_gives_per_layer_ranks_that_save_and_load(tmp_path, batch):
+    from conftest import make_llama
+    from rankwise.adapters import load_adapter, save_adapter
+
+    def base():
+        model = make_llama()
+        with torch.no_grad():  # one weight of rank 1: its top-4 directions hold all its energy
+            q = model.model.layers[0].self_attn.q_proj.weight
+            q.copy_(torch.outer(q[:, 0], q[0]))
+        return model
+
+    model = adapt(base(), "lamda", rank=4, rank_allocation="spectral")
+    layers = adapter_layers(model)
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    assert ranks["model.layers.0.self_attn.q_proj"] == 1  # no shortfall: share 0, raised to the floor 1
+    assert sum(ranks.values()) == 4 * len(ranks) + 1 and max(ranks.values()) > 4
+    for layer in layers.values():
+        assert layer.lamda_S.shape == (layer.rank, layer.rank) and layer.scaling == 4.0 / layer.rank  # alpha = 4
+    for layer in layers.values():
+        randomise(layer, scale=0.05)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(base(), tmp_path)
+    assert {name: layer.rank for name, layer in adapter_layers(loaded).items()} == ranks
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=ATOL, rtol=0)

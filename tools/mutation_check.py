@@ -76,6 +76,11 @@ MUTATIONS: list[Mutation] = [
     Mutation("hydra's unmerge inverts (I + s B_s A_s) with the wrong Woodbury sign", "src/rankwise/adapters/hydra.py",
              "            weight = rest - up @ solved\n", "            weight = rest + up @ solved\n",
              ("tests/test_adapters_multibranch.py", "-k", "hydra")),
+    Mutation("lamda's frozen B columns read from the trained parameter (momentum moves them)",
+             "src/rankwise/adapters/lamda.py",
+             "        return torch.cat([self.B_frozen[:, :k], self.lamda_B[:, k:]], dim=1)\n",
+             "        return self.lamda_B\n",
+             ("tests/test_adapters_multibranch.py", "-k", "lamda")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

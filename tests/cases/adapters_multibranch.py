@@ -14,3 +14,14 @@ CASES = [
     AdapterCase("hydra-sequential-rank", "hydra", {"sequential_rank": 2}, False, True,
                 lambda n_in, n_out, r: hydra(n_in, n_out, r, 2)),
 ]
+
+
+def lamda(n_in: int, n_out: int, r: int) -> int:
+    """``S`` (r x r) and ``B`` (out x r) train at the start (``A`` is frozen; ``B`` freezes later)."""
+    return r * n_out + r * r
+
+
+CASES += [
+    AdapterCase("lamda", "lamda", {}, False, True, lamda),
+    AdapterCase("lamda-random-init", "lamda", {"init": "random"}, False, True, lamda),
+]

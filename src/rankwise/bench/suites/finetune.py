@@ -41,4 +41,7 @@ SETUPS: list[SetUp] = [
     SetUp("sora (r_max 8)", "adapter", "sora", lr=3e-3, rank=8, default=False),
     # ---- Adapters II, multi-branch / dimension-reduced, sparse and subspace (adapters2c)
     SetUp("hydra", "adapter", "hydra", lr=3e-3, rank=8, default=False),
+    SetUp("lamda", "adapter", "lamda", lr=3e-3, rank=8, default=False),
+    SetUp("lamda++ (spectral ranks)", "adapter", "lamda", lr=3e-3, rank=8, options={"rank_allocation": "spectral"},
+          default=False),
 ]
