@@ -81,6 +81,10 @@ MUTATIONS: list[Mutation] = [
              "        return torch.cat([self.B_frozen[:, :k], self.lamda_B[:, k:]], dim=1)\n",
              "        return self.lamda_B\n",
              ("tests/test_adapters_multibranch.py", "-k", "lamda")),
+    Mutation("s2ft selects channel groups that are not aligned to the group size", "src/rankwise/adapters/s2ft.py",
+             "indices = (chosen[:, None] * group + torch.arange(group)).flatten()",
+             "indices = (chosen[:, None] + torch.arange(group)).flatten()",
+             ("tests/test_adapters_sparse.py", "-k", "s2ft")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

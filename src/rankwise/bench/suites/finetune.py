@@ -44,4 +44,5 @@ SETUPS: list[SetUp] = [
     SetUp("lamda", "adapter", "lamda", lr=3e-3, rank=8, default=False),
     SetUp("lamda++ (spectral ranks)", "adapter", "lamda", lr=3e-3, rank=8, options={"rank_allocation": "spectral"},
           default=False),
+    SetUp("s2ft (8 channels)", "adapter", "s2ft", lr=3e-3, rank=8, default=False),
 ]
