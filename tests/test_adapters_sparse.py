@@ -121,3 +121,119 @@ def test_s2ft_exports_exactly_as_a_rank_k_lora(axis, tmp_path):
     x = torch.randn(3, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=ATOL, rtol=0)
+
+
+# ----- SaRA ------------------------------------------------------------------------------------
+
+
+def constructed_model() -> tuple[nn.Sequential, torch.Tensor]:
+    """A 12 x 16 weight with distinct magnitudes 1..192 (times 1e-3, signs alternating)."""
+    model = linear_model()
+    magnitudes = torch.randperm(192, generator=torch.Generator().manual_seed(5)).float() + 1
+    signs = torch.where(torch.arange(192) % 2 == 0, 1.0, -1.0)
+    with torch.no_grad():
+        model[0].weight.copy_((1e-3 * magnitudes * signs).reshape(12, 16))
+    return model, model[0].weight.detach().clone()
+
+
+def test_sara_trains_exactly_the_smallest_entries_and_the_update_lives_there():
+    model, weight = constructed_model()
+    adapt(model, "sara", rank=2, targets=["0"])  # budget r (in + out) = 56 entries
+    layer = adapter_layers(model)["0"]
+    expected = torch.nonzero(weight.abs().flatten() <= 56e-3).flatten()  # magnitudes 1..56 (x 1e-3)
+    assert torch.equal(layer.sara_indices, expected) and layer.sara_values.numel() == 56
+    randomise(layer)
+    delta = layer.delta_weight().detach().flatten()
+    assert torch.count_nonzero(delta[weight.abs().flatten() > 56e-3]) == 0
+    torch.testing.assert_close(delta[expected], layer.sara_values.detach(), atol=0, rtol=0)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x @ (weight + delta.view(12, 16)).T + model[0].base.bias,
+                                   atol=ATOL, rtol=0)
+
+
+def test_sara_threshold_selects_the_entries_below_it():
+    model, weight = constructed_model()
+    adapt(model, "sara", rank=1, targets=["0"], threshold=20.5e-3)
+    layer = adapter_layers(model)["0"]
+    assert torch.equal(layer.sara_indices, torch.nonzero(weight.abs().flatten() < 20.5e-3).flatten())
+    assert layer.sara_values.numel() == 20
+    with pytest.raises(RankwiseError, match="no entry of the weight has \\|w\\| < threshold=1e-06"):
+        adapt(linear_model(), "sara", rank=1, targets=["0"], threshold=1e-6)
+
+
+def test_sara_gradient_is_the_full_fine_tuning_gradient_of_the_selected_entries():
+    model, full = linear_model(), linear_model()
+    adapt(model, "sara", rank=2, targets=["0"], lambda_rank=0.0)
+    layer = adapter_layers(model)["0"]
+    x, target = torch.randn(9, 16), torch.randn(9, 12)
+    (model(x) - target).square().sum().backward()
+    (full(x) - target).square().sum().backward()
+    torch.testing.assert_close(layer.sara_values.grad, full[0].weight.grad.flatten()[layer.sara_indices],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sara_regulariser_is_lambda_times_the_nuclear_norm_of_the_update():
+    from rankwise.adapters import regularization_loss
+
+    model = linear_model()
+    adapt(model, "sara", rank=2, targets=["0"], lambda_rank=0.01)
+    layer = adapter_layers(model)["0"]
+    regularization_loss(model).backward()  # at dW = 0: a finite subgradient
+    assert torch.isfinite(layer.sara_values.grad).all()
+    randomise(layer)
+    nuclear = torch.linalg.matrix_norm(layer.delta_weight().detach().double(), ord="nuc")
+    torch.testing.assert_close(regularization_loss(model).double(), 0.01 * nuclear, atol=1e-6, rtol=1e-6)
+    model_off = linear_model()
+    adapt(model_off, "sara", rank=2, targets=["0"], lambda_rank=0.0)
+    assert regularization_loss(model_off) is None
+
+
+def test_sara_progressive_stage_reselects_on_the_current_weight_and_freezes_the_grown_entries(tmp_path):
+    from rankwise.adapters import after_step
+
+    model, weight = constructed_model()
+    adapt(model, "sara", rank=2, targets=["0"], lambda_rank=0.0, progressive_fraction=0.5)
+    layer = adapter_layers(model)["0"]
+    first = layer.sara_indices.clone()
+    optimizer = torch.optim.Adam([layer.sara_values], lr=3e-2)
+    x, target = torch.randn(16, 16), torch.randn(16, 12)
+    total = 10
+    for step in range(1, total + 1):
+        optimizer.zero_grad(set_to_none=True)
+        (model(x) - target).square().mean().backward()
+        optimizer.step()
+        before = layer.delta_weight().detach().clone()
+        after_step(model, step=step, total_steps=total, optimizer=optimizer)
+        if step < 5:
+            assert int(layer.stage) == 0 and torch.equal(layer.sara_indices, first)
+        if step == 5:  # the switch: dW is unchanged, the new entries are the smallest of W0 + dW
+            assert int(layer.stage) == 1 and layer.sara_values not in optimizer.state
+            torch.testing.assert_close(layer.delta_weight().detach(), before, atol=0, rtol=0)
+            current = (weight + before).abs().flatten()
+            assert torch.equal(layer.sara_indices, torch.topk(current, 56, largest=False).indices.sort().values)
+            assert not torch.equal(layer.sara_indices, first)
+            grown = first[~torch.isin(first, layer.sara_indices)]
+            frozen_update = before.flatten()[grown].clone()
+            assert torch.count_nonzero(frozen_update) == grown.numel() > 0
+    # entries that grew out of the selection kept their learned values through 5 more Adam steps
+    torch.testing.assert_close(layer.delta_weight().detach().flatten()[grown], frozen_update, atol=0, rtol=0)
+    save_adapter(model, tmp_path)
+    loaded = adapter_layers(load_adapter(constructed_model()[0], tmp_path))["0"]
+    assert int(loaded.stage) == 1 and torch.equal(loaded.delta_weight(), layer.delta_weight().detach())
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "embedding"])
+def test_sara_on_a_convolution_and_an_embedding_merges_to_the_same_output(kind):
+    from rankwise.adapters import merge
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(3, 5, 3, padding=1) if kind == "conv2d" else nn.Embedding(20, 6)
+    model = nn.Sequential(module)
+    x = torch.randn(2, 3, 6, 6) if kind == "conv2d" else torch.randint(0, 20, (2, 7))
+    adapt(model, "sara", rank=1, targets=["0"])
+    randomise(adapter_layers(model)["0"])
+    with torch.no_grad():
+        unmerged = model(x)
+        merge(model)
+        torch.testing.assert_close(model(x), unmerged, atol=ATOL, rtol=0)

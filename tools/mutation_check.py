@@ -85,6 +85,11 @@ MUTATIONS: list[Mutation] = [
              "indices = (chosen[:, None] * group + torch.arange(group)).flatten()",
              "indices = (chosen[:, None] + torch.arange(group)).flatten()",
              ("tests/test_adapters_sparse.py", "-k", "s2ft")),
+    Mutation("sara's progressive stage selects on W0 again instead of the current weight",
+             "src/rankwise/adapters/sara.py",
+             "chosen = smallest_entries(self.base_weight().flatten() + update.float(), self.count)",
+             "chosen = smallest_entries(self.base_weight().flatten(), self.count)",
+             ("tests/test_adapters_sparse.py", "-k", "sara")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

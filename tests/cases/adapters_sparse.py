@@ -7,3 +7,6 @@ CASES = [
     AdapterCase("s2ft-heads-of-output-channels", "s2ft", {"axis": "out", "group_size": 2}, False, True,
                 lambda n_in, n_out, r: r * n_in),
 ]
+CASES += [
+    AdapterCase("sara", "sara", {}, False, True, lambda n_in, n_out, r: min(r * (n_in + n_out), n_in * n_out)),
+]

@@ -45,4 +45,6 @@ SETUPS: list[SetUp] = [
     SetUp("lamda++ (spectral ranks)", "adapter", "lamda", lr=3e-3, rank=8, options={"rank_allocation": "spectral"},
           default=False),
     SetUp("s2ft (8 channels)", "adapter", "s2ft", lr=3e-3, rank=8, default=False),
+    # SaRA trains raw weight entries: the release's rate 1e-3 exp(-350 * 2e-3) ~ 5e-4, near full fine-tuning's
+    SetUp("sara (lora-8 budget)", "adapter", "sara", lr=5e-4, rank=8, default=False),
 ]
