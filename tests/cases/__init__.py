@@ -21,7 +21,8 @@ class AdapterCase:
     equals the base model's before training; trainable_per_layer(n_in, n_out, r): the paper's
     trainable-parameter count for one adapted ``n_out x n_in`` layer at rank r; quantizes_base: the
     method replaces the base by its quantization (LoftQ), so the original weight is not kept and
-    merges are lossy.
+    merges are lossy; shared_trainable(r): trainable parameters shared by all layers of one adapt
+    call (a global vector, counted once), added to the per-layer sum.
     """
 
     id: str
@@ -31,6 +32,7 @@ class AdapterCase:
     identity_at_init: bool = True
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
     quantizes_base: bool = False
+    shared_trainable: Callable[[int], int] = lambda r: 0
 
 
 def collect(prefix: str) -> list[Any]:
