@@ -90,6 +90,10 @@ MUTATIONS: list[Mutation] = [
              "chosen = smallest_entries(self.base_weight().flatten() + update.float(), self.count)",
              "chosen = smallest_entries(self.base_weight().flatten(), self.count)",
              ("tests/test_adapters_sparse.py", "-k", "sara")),
+    Mutation("fastfood blocks lose their 1/sqrt(d') normalisation", "src/rankwise/linalg/subspace.py",
+             "norm = gaussian.norm(dim=1, keepdim=True) * math.sqrt(self.width)",
+             "norm = gaussian.norm(dim=1, keepdim=True)",
+             ("tests/test_adapters_subspace.py",)),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",

@@ -47,4 +47,6 @@ SETUPS: list[SetUp] = [
     SetUp("s2ft (8 channels)", "adapter", "s2ft", lr=3e-3, rank=8, default=False),
     # SaRA trains raw weight entries: the release's rate 1e-3 exp(-350 * 2e-3) ~ 5e-4, near full fine-tuning's
     SetUp("sara (lora-8 budget)", "adapter", "sara", lr=5e-4, rank=8, default=False),
+    # SAID: rank = the subspace dimension d (one theta_d for the whole model, plus a scalar per layer)
+    SetUp("said (d 4096)", "adapter", "said", lr=3e-3, rank=4096, default=False),
 ]
