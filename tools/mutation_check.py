@@ -94,6 +94,11 @@ MUTATIONS: list[Mutation] = [
              "norm = gaussian.norm(dim=1, keepdim=True) * math.sqrt(self.width)",
              "norm = gaussian.norm(dim=1, keepdim=True)",
              ("tests/test_adapters_subspace.py",)),
+    Mutation("intrinsic_dimension reports the largest d reaching the threshold, not the smallest",
+             "src/rankwise/analyze/intrinsic_dimension.py",
+             'if found is None and base_loss - losses[d] >= options["threshold"] * reachable:',
+             'if base_loss - losses[d] >= options["threshold"] * reachable:',
+             ("tests/test_analyze_intrinsic.py", "-k", "regression")),
     # ---- optimizers (issue 16's table and the review's finds)
     Mutation("projected weights never updated", "src/rankwise/optim/lowrank.py",
              "trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)",
