@@ -32,7 +32,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 32])
+@pytest.mark.parametrize("n", [1, 2, 8, 32, 128, 512])  # one matmul up to 64, butterflies above
 def test_hadamard_transform_is_the_sylvester_matrix(n):
     x = torch.randn(3, n, dtype=torch.float64)
     torch.testing.assert_close(hadamard_transform(x), x @ sylvester(n))

@@ -33,12 +33,27 @@ import torch
 from torch import nn
 
 
+#: up to this length one matmul with H beats log2(n) butterfly passes (each a copy of x)
+DENSE_HADAMARD_MAX = 64
+
+
+def sylvester_hadamard(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The unnormalised Sylvester Hadamard matrix ``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``."""
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """``x @ H`` along the last dimension (a power of 2) with ``H`` the unnormalised Sylvester
-    Hadamard matrix ``H_1 = [1]``, ``H_2n = [[H_n, H_n], [H_n, -H_n]]``; ``O(n log n)`` butterflies."""
+    Hadamard matrix (:func:`sylvester_hadamard`; symmetric): one matmul for short lengths, else
+    ``O(n log n)`` butterflies."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"the Hadamard transform needs a power-of-two length, got {n}")
+    if n <= DENSE_HADAMARD_MAX:
+        return x @ sylvester_hadamard(n, dtype=x.dtype, device=x.device)
     lead = x.shape[:-1]
     half = 1
     while half < n:
