@@ -268,10 +268,10 @@ def test_only_adapter_parameters_train_and_all_get_gradients(case, batch):
 @cases
 def test_trainable_parameter_count_matches_formula(case):
     fresh = make_llama()
-    expected = sum(
+    expected = case.shared_trainable(RANK) + sum(
         case.trainable_per_layer(fresh.get_submodule(n).in_features, fresh.get_submodule(n).out_features, RANK)
         for n in match_targets(fresh, "all-linear")
-    ) + case.trainable_shared
+    )
     assert trainable_parameters(adapted(case)) == expected
 
 

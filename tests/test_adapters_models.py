@@ -109,8 +109,8 @@ def test_every_method_on_gpt2_and_minilm(case, base, tmp_path):
     model = base.adapt(case)
     layers = adapter_layers(model)
     assert sorted(layers) == sorted(base.names)
-    expected_count = (sum(case.trainable_per_layer(w.shape[1], w.shape[0], RANK) for w in base.weights.values())
-                      + case.trainable_shared)
+    expected_count = case.shared_trainable(RANK) + sum(
+        case.trainable_per_layer(w.shape[1], w.shape[0], RANK) for w in base.weights.values())
     assert trainable_parameters(model) == expected_count
 
     out = base.output(model)

@@ -29,6 +29,7 @@ from rankwise.analyze import (
     spectrum,
     stable_rank,
     stable_rank_of_spectrum,
+    training_diagnostics,
     update_diagnostics,
     update_report,
 )
@@ -55,7 +56,9 @@ def one_layer(weight: torch.Tensor) -> nn.Sequential:
 
 
 def test_every_registered_diagnostic_has_a_row_of_its_kind():
-    assert set(matrix_diagnostics()) | set(update_diagnostics()) == set(DIAGNOSTICS.names())
+    # training diagnostics (the intrinsic dimension) have their known answers in tests/test_analyze_intrinsic.py
+    kinds = set(matrix_diagnostics()) | set(update_diagnostics()) | set(training_diagnostics())
+    assert kinds == set(DIAGNOSTICS.names())
     missing = (set(matrix_diagnostics()) - {c.diagnostic for c in MATRIX_CASES}) | (
         set(update_diagnostics()) - {c.diagnostic for c in UPDATE_CASES})
     assert not missing, f"registered diagnostics without a row in tests/cases/analyze_*.py: {sorted(missing)}"

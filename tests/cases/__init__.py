@@ -23,9 +23,10 @@ class AdapterCase:
     method replaces the base by its quantization (LoftQ), so the original weight is not kept and
     merges are lossy; lr: the Adam learning rate of the suite's "training lowers the loss" steps
     (1e-2 suits LoRA-scaled updates; a method whose one step moves the update much more, e.g. a
-    matrix shared by many blocks, gives the smaller rate its paper trains with); trainable_shared:
-    trainable parameters shared by all adapted layers of one adapt call (Compacter's slow weights,
-    Uni-LoRA's one global vector), counted once and added to the per-layer sum.
+    matrix shared by many blocks, gives the smaller rate its paper trains with); shared_trainable(r):
+    trainable parameters shared by all adapted layers of one adapt call at rank r (Compacter's
+    slow weights, Uni-LoRA's and SAID's one global vector), counted once and added to the
+    per-layer sum.
     """
 
     id: str
@@ -36,7 +37,7 @@ class AdapterCase:
     trainable_per_layer: Callable[[int, int, int], int] = lambda n_in, n_out, r: r * (n_in + n_out)
     quantizes_base: bool = False
     lr: float = 1e-2
-    trainable_shared: int = 0
+    shared_trainable: Callable[[int], int] = lambda r: 0
 
 
 def collect(prefix: str) -> list[Any]:

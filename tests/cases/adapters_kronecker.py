@@ -18,5 +18,5 @@ CASES = [
 CASES += [
     # Compacter (arXiv 2106.04647): two LPHM layers (rank-one fast weights per layer), slow weights n^3 shared once
     AdapterCase("compacter", "compacter", {}, False, True, lambda n_in, n_out, r: n_out + n_in + 2 * r,
-                trainable_shared=4 ** 3),
+                shared_trainable=lambda r: 4 ** 3),
 ]

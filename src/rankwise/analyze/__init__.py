@@ -18,6 +18,8 @@ One module per diagnostic; the scalar ones are registered in ``DIAGNOSTICS``
   on first use, as it subclasses transformers' ``TrainerCallback``, whose import pulls in the
   Trainer's dependencies);
 - representations: :mod:`~rankwise.analyze.representations` (Matrix Nuclear-Norm);
+- by training runs: :mod:`~rankwise.analyze.intrinsic_dimension` (``d90`` from a sweep of
+  subspace fine-tuning runs with the ``said`` adapter);
 - :mod:`~rankwise.analyze.spectrum` (singular values), :mod:`~rankwise.analyze.report`
   (the per-layer tables).
 """
@@ -26,9 +28,11 @@ from rankwise.analyze.attention import attention_entanglement, attention_matrice
 from rankwise.analyze.core import (
     DIAGNOSTICS,
     Diagnostic,
+    TrainingDiagnostic,
     UpdateDiagnostic,
     matrix_diagnostics,
     method_options,
+    training_diagnostics,
     update_diagnostics,
 )
 from rankwise.analyze.energy_rank import energy_rank, energy_rank_of_spectrum
@@ -39,6 +43,7 @@ from rankwise.analyze.entanglement import (
     fit_entanglement_law,
 )
 from rankwise.analyze.heavy_tail import PowerLawFit, fit_power_law, power_law_alpha
+from rankwise.analyze.intrinsic_dimension import IntrinsicDimension, intrinsic_dimension
 from rankwise.analyze.intruders import Intruders, intruder_dimensions, mitigate_intruders
 from rankwise.analyze.norms import frobenius_norm, nuclear_norm, spectral_norm
 from rankwise.analyze.numerical_rank import stable_rank, stable_rank_of_spectrum
@@ -54,10 +59,12 @@ __all__ = [
     "EntanglementLawFit",
     "EntanglementProfile",
     "GradientRankCallback",
+    "IntrinsicDimension",
     "Intruders",
     "MatrixNuclearNorm",
     "PowerLawFit",
     "SubspaceOverlap",
+    "TrainingDiagnostic",
     "UpdateDiagnostic",
     "attention_entanglement",
     "attention_matrices",
@@ -70,6 +77,7 @@ __all__ = [
     "fit_entanglement_law",
     "fit_power_law",
     "frobenius_norm",
+    "intrinsic_dimension",
     "intruder_dimensions",
     "matrix_diagnostics",
     "matrix_nuclear_norm",
@@ -83,6 +91,7 @@ __all__ = [
     "stable_rank",
     "stable_rank_of_spectrum",
     "subspace_overlap",
+    "training_diagnostics",
     "update_diagnostics",
     "update_report",
     "update_spectrum",

@@ -8,7 +8,10 @@ Two kinds of diagnostic share ``DIAGNOSTICS``:
   them) and uses whichever it needs;
 * an :class:`UpdateDiagnostic` turns a pair (base weight ``W0``, tuned weight ``W1``) of one
   layer into one number (intruder dimensions, ...). :func:`update_report` runs every
-  registered one on every layer the two models share.
+  registered one on every layer the two models share;
+* a :class:`TrainingDiagnostic` turns a model and a task (training and evaluation batches)
+  into one number by training copies of the model (the intrinsic dimension); no report runs
+  them (each costs training runs), :func:`training_diagnostics` lists them.
 
 ``measure`` returns a float, or None where the quantity is undefined for that matrix and the
 class docstring says why (a power-law fit needs enough non-zero eigenvalues, for instance);
@@ -60,6 +63,14 @@ class UpdateDiagnostic(_Configured):
         """The diagnostic of the change ``base -> tuned`` (two 2-D tensors of one shape)."""
 
 
+class TrainingDiagnostic(_Configured):
+    """One number per model and task, measured by training copies of the model (the model is left as it was)."""
+
+    @abstractmethod
+    def measure(self, model: Any, train_batches: list[dict], eval_batches: list[dict]) -> float | None:
+        """The diagnostic of ``model`` on the task the batches define (dicts the model accepts, with labels)."""
+
+
 DIAGNOSTICS: Registry[type[_Configured]] = Registry("diagnostic")
 
 
@@ -78,10 +89,18 @@ def update_diagnostics() -> list[str]:
     return [name for name in DIAGNOSTICS.names() if issubclass(DIAGNOSTICS.get(name), UpdateDiagnostic)]
 
 
+def training_diagnostics() -> list[str]:
+    """Names of the registered diagnostics measured by training runs (:class:`TrainingDiagnostic`)."""
+    return [name for name in DIAGNOSTICS.names() if issubclass(DIAGNOSTICS.get(name), TrainingDiagnostic)]
+
+
 def build(name: str, kind: type[_Configured], **options: Any) -> Any:
     """Diagnostic ``name`` configured with ``options``; RankwiseError when it is unknown or of the other kind."""
     cls = DIAGNOSTICS.get(name)
     if not issubclass(cls, kind):
+        if issubclass(cls, TrainingDiagnostic):
+            raise RankwiseError(f"diagnostic {name!r} is not a {kind.__name__}: it trains the model; call "
+                                f"rankwise.analyze.{name}(model, train_batches, eval_batches) instead")
         other = "model_report" if issubclass(cls, Diagnostic) else "update_report"
         raise RankwiseError(f"diagnostic {name!r} is not a {kind.__name__}; it is one of {other}'s columns")
     return cls(method=name, **options)

@@ -63,4 +63,14 @@ SETUPS: list[SetUp] = [
     SetUp("nola (k = l = 128)", "adapter", "nola", lr=1e-2, rank=8, options={"num_basis_A": 128, "num_basis_B": 128},
           default=False),
     SetUp("mos (r_e 1)", "adapter", "mos", lr=3e-3, rank=8, options={"equivalent_rank": 1}, default=False),
+    # ---- Adapters II, multi-branch / dimension-reduced, sparse and subspace (adapters2c)
+    SetUp("hydra", "adapter", "hydra", lr=3e-3, rank=8, default=False),
+    SetUp("lamda", "adapter", "lamda", lr=3e-3, rank=8, default=False),
+    SetUp("lamda++ (spectral ranks)", "adapter", "lamda", lr=3e-3, rank=8, options={"rank_allocation": "spectral"},
+          default=False),
+    SetUp("s2ft (8 channels)", "adapter", "s2ft", lr=3e-3, rank=8, default=False),
+    # SaRA trains raw weight entries: the release's rate 1e-3 exp(-350 * 2e-3) ~ 5e-4, near full fine-tuning's
+    SetUp("sara (lora-8 budget)", "adapter", "sara", lr=5e-4, rank=8, default=False),
+    # SAID: rank = the subspace dimension d (one theta_d for the whole model, plus a scalar per layer)
+    SetUp("said (d 4096)", "adapter", "said", lr=3e-3, rank=4096, default=False),
 ]
