@@ -118,7 +118,7 @@ def test_compacter_update_is_up_times_down_with_slow_weights_shared_by_all_layer
     # n^3 slow weights once + (out + in + 2r) fast weights per layer: q_proj 32 x 32, down_proj 32 x 64
     assert trainable_parameters(model) == 64 + 2 * (32 + 32 + 16) + 2 * (32 + 64 + 16)
     save_adapter(model, tmp_path)
-    assert sum(key.endswith("phm_rule") for key in load_file(tmp_path / "adapter_model.safetensors")) == 1
+    assert sum(key.endswith("phm_rule") for key in load_file(tmp_path / "rankwise_adapter.safetensors")) == 1
     loaded = load_adapter(make_llama(), tmp_path)
     assert len({id(layer.phm_rule) for layer in adapter_layers(loaded).values()}) == 1
     batch = make_batch()

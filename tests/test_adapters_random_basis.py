@@ -58,8 +58,8 @@ def test_saved_file_holds_the_trainable_parameters_not_the_random_tensors(method
     model = perturb(adapt(make_llama(), method, rank=RANK, alpha=2 * RANK))
     expected = logits(model, batch)
     save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / "adapter_model.safetensors")
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    stored = load_file(tmp_path / "rankwise_adapter.safetensors")
+    config = json.loads((tmp_path / "rankwise_adapter.json").read_text())
     frozen = frozen_tensors(model)
     assert frozen, "a random-basis method has frozen random tensors"
     # every stored number is a trainable one (a shared parameter is stored once): no frozen tensor on disk
@@ -173,7 +173,7 @@ def test_vera_matches_peft_vera_and_exports_to_it(make, batch, tmp_path):
 def test_vera_adapter_file_is_out_plus_r_numbers_per_layer(tmp_path):
     model = adapt(make_llama(), "vera", rank=RANK)
     save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / "adapter_model.safetensors")
+    stored = load_file(tmp_path / "rankwise_adapter.safetensors")
     assert sum(t.numel() for t in stored.values()) == sum(layer.out_features + RANK
                                                           for layer in adapter_layers(model).values())
 

@@ -129,11 +129,11 @@ def test_said_file_holds_theta_once_the_scalars_and_the_seed_and_reloads_bit_ide
     model = adapt(make_llama(), "said", rank=32, seed=5)
     randomise(model, scale=0.05)
     save_adapter(model, tmp_path)
-    stored = load_file(tmp_path / "adapter_model.safetensors")
+    stored = load_file(tmp_path / "rankwise_adapter.safetensors")
     layers = adapter_layers(model)
     assert sum(t.numel() for t in stored.values()) == 32 + len(layers)
     assert sorted({key.rsplit(".", 1)[1] for key in stored}) == ["said_lambda", "said_theta"]
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "rankwise_adapter.json").read_text())
     assert all(entry["options"]["seed"] == 5 for entry in config["modules"].values())
     assert len(config["tied"]) == len(layers) - 1
     loaded = load_adapter(make_llama(), tmp_path)
