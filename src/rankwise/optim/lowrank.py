@@ -6,7 +6,7 @@ One step of a projected parameter ``W`` (``m x n``) with gradient ``G`` (the sea
     G non-finite?  -> skip (state untouched, warned once)
     G      = prepare_gradient(G)                                  # hook: e.g. G + stored error
     X, G_X = reparametrise(W, G)                                  # hook: the tensor the step trains (W)
-    if refresh is due:  projector.refresh(state, G_X, group)      # new subspace, timed
+    if refresh is due:  projector.refresh(state, G_X, group)      # new subspace, timed (batched: see step)
                         switch_moments(old basis -> new basis)    # hook: keep / reset / rotate
     basis  = projector.basis(state, X)                            # L (m x r) and/or R (n x r)
     low    = basis.project(G_X)                                   # L^T G R
@@ -77,7 +77,7 @@ from rankwise.optim.base import OptimizerMethod
 from rankwise.optim.distributed import NONFINITE_MESSAGE, is_dtensor, step_sharded
 from rankwise.optim.inner import AdamMoments
 from rankwise.optim.numerics import gradient_is_finite
-from rankwise.optim.pieces import InnerOptimizer, LowRankStep, Projector, Reparametrised, UpdateRule
+from rankwise.optim.pieces import InnerOptimizer, LowRankStep, Projector, RefreshItem, Reparametrised, UpdateRule
 from rankwise.options import resolve
 
 _SEALED = ("step_parameter",)
@@ -127,6 +127,7 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         self._positions: dict[int, int] = {}
         self.refresh_seconds = 0.0
         self.shared_buffers: dict[str, torch.Tensor] = {}  # e.g. one DCT matrix per size; counted once
+        self._prepared: dict[int, Basis] = {}  # id(param) -> basis decomposed ahead by the batched refresh
         super().__init__(params, defaults)
 
     @classmethod
@@ -222,10 +223,45 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = self.evaluate_closure(closure)
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.step_parameter(param, group)
+            params = [param for param in group["params"] if param.grad is not None]
+            if "rank" in group:
+                self._decompose_due(params, group)
+            for param in params:
+                self.step_parameter(param, group)
+        self._prepared.clear()
         return loss
+
+    def _decompose_due(self, params: Sequence[torch.Tensor], group: Mapping[str, Any]) -> None:
+        """Batched refresh: the new subspaces of every parameter of ``group`` due for a refresh
+        at this step, decomposed together (same-shape gradients in one call) and left in
+        ``self._prepared`` for their steps. Only for a batched projector and when the
+        gradient the refresh sees can be computed ahead without touching the state (the
+        default ``prepare_gradient``; ``reparametrise`` never changes the state). A batch that
+        fails is left to the per-parameter refreshes (which keep the previous subspace)."""
+        projector = self.projector_for(group)
+        if not projector.batched or type(self).prepare_gradient is not LowRankAdamW.prepare_gradient:
+            return
+        items, owners = [], []
+        for param in params:
+            if is_dtensor(param) or param.grad.is_sparse or not gradient_is_finite(param.grad):
+                continue
+            state = self.state[param]
+            state.setdefault("step", 0)
+            if not self.refresh_due(state, group):
+                continue
+            trained = self.reparametrise(param, param.grad, state, group)
+            items.append(RefreshItem(trained.grad, state, self.parameter_seed(param, group)))
+            owners.append(param)
+        if len(items) < 2:
+            return  # nothing to batch: the step's own refresh is the same call
+        start = self._clock(items[0].grad)
+        try:
+            bases = projector.decompose(items, group)
+        except SVDFailure:
+            return
+        finally:
+            self.refresh_seconds += self._clock(items[0].grad) - start
+        self._prepared.update({id(param): basis for param, basis in zip(owners, bases)})
 
     @final
     @torch.no_grad()
@@ -289,9 +325,13 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         if not self.refresh_due(state, group):
             return projector.basis(state, like)
         old = projector.basis(state, like) if projector.has_basis(state) else None
+        prepared = self._prepared.pop(id(param), None)
         start = self._clock(grad)
         try:
-            projector.refresh(state, grad, group, seed=self.parameter_seed(param, group))
+            if prepared is not None:
+                projector.store(state, prepared, grad, group)  # type: ignore[attr-defined]
+            else:
+                projector.refresh(state, grad, group, seed=self.parameter_seed(param, group))
         except SVDFailure as exc:
             self.warn_once("svd", f"subspace refresh failed ({exc}); kept the previous subspace or skipped the step")
             if old is None:

@@ -17,6 +17,15 @@ import torch
 from rankwise.linalg.projections import Basis
 
 
+@dataclass
+class RefreshItem:
+    """One parameter whose subspace is due: the gradient the projector sees, its state, its seed."""
+
+    grad: torch.Tensor
+    state: dict
+    seed: int
+
+
 class Projector(ABC):
     """Chooses a parameter's subspace and materialises it as a :class:`Basis`.
 
@@ -24,7 +33,14 @@ class Projector(ABC):
     ``state`` unchanged when it raises :class:`rankwise.linalg.SVDFailure`. Random
     projectors draw from the ``seed`` they are given (combined with ``state["step"]``), store
     the derived integer and regenerate their matrices in ``basis``: never global RNG state.
+
+    A projector with ``batched = True`` also offers ``decompose(items, group) -> [Basis]``
+    (several parameters at once, no state written) and ``store(state, basis, grad, group)``,
+    with ``refresh = store(decompose([one]))``; the optimizer then decomposes the due
+    parameters of a group together.
     """
+
+    batched: bool = False
 
     @abstractmethod
     def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
