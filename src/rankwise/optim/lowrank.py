@@ -20,6 +20,13 @@ One step of a projected parameter ``W`` (``m x n``) with gradient ``G`` (the sea
 Parameters in groups without the key ``rank`` skip the projection, the update rule and the
 hooks: they run the inner optimizer on the full gradient (plain AdamW).
 
+``step()`` runs the same arithmetic group by group in phases, so the element-wise parts use
+torch's multi-tensor kernels (``InnerOptimizer.update_many`` / ``step_many``: Adam's moments,
+the unprojected update; one ``_foreach_add_`` for the weight decay) as
+``torch.optim.AdamW(foreach=True)`` does, and the subspaces due at this step are decomposed
+in batched calls (``SVDProjector.decompose``); :meth:`LowRankAdamW.step_parameter` is the
+one-parameter path (layerwise mode, FSDP2 shards) and gives the same result.
+
 Guarantees the base class gives every method
 - Options: ``HYPERPARAMETERS`` (Adam's, :data:`rankwise.optim.options.ADAM`, with the method's
   defaults) are checked at construction and in every group that overrides them; the group
@@ -65,6 +72,7 @@ How to add an optimizer
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, final
 
 import torch
@@ -81,6 +89,20 @@ from rankwise.optim.pieces import InnerOptimizer, LowRankStep, Projector, Refres
 from rankwise.options import resolve
 
 _SEALED = ("step_parameter",)
+
+
+@dataclass
+class _Started:
+    """A parameter's step up to the inner optimizer (``low_grad`` is None for an unprojected one)."""
+
+    param: torch.Tensor
+    group: Mapping[str, Any]
+    weight: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    trained: Reparametrised | None = None
+    basis: Basis | None = None
+    low_grad: torch.Tensor | None = None
 
 
 class LowRankAdamW(OptimizerMethod, Optimizer):
@@ -221,13 +243,34 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of every parameter with a gradient: :meth:`step_parameter`'s arithmetic, with
+        the element-wise parts (Adam's moments, the update of unprojected parameters, the
+        weight decay) run by torch's multi-tensor kernels over the group, and the due
+        subspaces of a group decomposed in batched calls."""
         loss = self.evaluate_closure(closure)
         for group in self.param_groups:
             params = [param for param in group["params"] if param.grad is not None]
             if "rank" in group:
                 self._decompose_due(params, group)
+            pending = []
             for param in params:
-                self.step_parameter(param, group)
+                if is_dtensor(param):
+                    self.step_parameter(param, group)
+                elif (started := self._begin(param, group, param, param.grad)) is not None:
+                    pending.append(started)
+            if not pending:
+                continue
+            if "rank" not in group:
+                self.inner.step_many([p.weight for p in pending], [p.grad for p in pending],
+                                     [p.state for p in pending], group)
+                self._decay_many([p.weight for p in pending], group)
+                continue
+            steps = self.inner.update_many([p.state for p in pending], [p.low_grad for p in pending], group)
+            for started, (direction, step_size) in zip(pending, steps):
+                self._apply(started, direction, step_size)
+            self._decay_many([p.weight for p in pending], group)
+            for started in pending:
+                self.after_update(started.param, started.weight, started.state, group)
         self._prepared.clear()
         return loss
 
@@ -282,40 +325,67 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         """
         if weight is None and is_dtensor(param):
             return step_sharded(self, param, group)
-        weight = param if weight is None else weight
-        grad = param.grad if grad is None else grad
+        started = self._begin(param, group, param if weight is None else weight, param.grad if grad is None else grad)
+        if started is None:
+            return False
+        if started.low_grad is None:
+            direction, step_size = self.inner.update(started.state, started.grad, group)
+            started.weight.add_(direction, alpha=-step_size)
+            self._decay(started.weight, group)
+            return True
+        direction, step_size = self.inner.update(started.state, started.low_grad, group)
+        self._apply(started, direction, step_size)
+        self._decay(started.weight, group)
+        self.after_update(param, started.weight, started.state, group)
+        return True
+
+    def _begin(
+        self, param: torch.Tensor, group: Mapping[str, Any], weight: torch.Tensor, grad: torch.Tensor
+    ) -> _Started | None:
+        """The step up to the inner optimizer: guards, step count, and for a projected parameter
+        the prepared gradient, the subspace (refreshed when due) and ``L^T G R``. None = skipped."""
         if grad.is_sparse:
             raise RankwiseError(f"{type(self).__name__} does not support sparse gradients ({self.param_name(param)})")
         if not gradient_is_finite(grad):
             self.warn_once("nonfinite", NONFINITE_MESSAGE)
-            return False
+            return None
         state = self.state[param]
         state.setdefault("step", 0)
         if "rank" not in group:
             state["step"] += 1
-            direction, step_size = self.inner.update(state, grad, group)
-            weight.add_(direction, alpha=-step_size)
-            self._decay(weight, group)
-            return True
+            return _Started(param, group, weight, grad, state)
         grad = self.prepare_gradient(grad, state, group)
         trained = self.reparametrise(weight, grad, state, group)
         basis = self._current_basis(param, trained.grad, state, group, like=trained.tensor)
         if basis is None:
-            return False
+            return None
         low_grad = basis.project(trained.grad)
         state["step"] += 1
-        direction, step_size = self.inner.update(state, low_grad, group)
-        step = LowRankStep(trained.tensor, trained.grad, low_grad, direction, step_size, basis, state, group)
+        return _Started(param, group, weight, grad, state, trained, basis, low_grad)
+
+    def _apply(self, started: _Started, direction: torch.Tensor, step_size: float) -> None:
+        """The update rule's full-size update applied to the trained tensor, then written back."""
+        trained, group = started.trained, started.group
+        step = LowRankStep(trained.tensor, trained.grad, started.low_grad, direction, step_size, started.basis,
+                           started.state, group)
         trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)
-        self.write_back(weight, trained, state, group)
-        self._decay(weight, group)
-        self.after_update(param, weight, state, group)
-        return True
+        self.write_back(started.weight, trained, started.state, group)
 
     @staticmethod
     def _decay(weight: torch.Tensor, group: Mapping[str, Any]) -> None:
         if group["weight_decay"] > 0.0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _decay_many(weights: Sequence[torch.Tensor], group: Mapping[str, Any]) -> None:
+        """:meth:`_decay` of several weights, one multi-tensor launch per device and dtype."""
+        if group["weight_decay"] <= 0.0 or not weights:
+            return
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for weight in weights:
+            buckets.setdefault((weight.device, weight.dtype), []).append(weight)
+        for members in buckets.values():
+            torch._foreach_add_(members, members, alpha=-group["lr"] * group["weight_decay"])
 
     def _current_basis(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: Mapping[str, Any], *, like: torch.Tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -61,6 +61,20 @@ class InnerOptimizer(ABC):
     @abstractmethod
     def update(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any]) -> tuple[torch.Tensor, float]:
         """Update the moments with ``grad``; return ``(direction, step_size)``."""
+
+    def update_many(
+        self, states: Sequence[dict], grads: Sequence[torch.Tensor], group: Mapping[str, Any]
+    ) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`update` for several parameters of one group (overridden by multi-tensor kernels)."""
+        return [self.update(state, grad, group) for state, grad in zip(states, grads)]
+
+    def step_many(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict],
+        group: Mapping[str, Any],
+    ) -> None:
+        """``W -= step_size * direction`` for several unprojected parameters (multi-tensor where overridden)."""
+        for param, (direction, step_size) in zip(params, self.update_many(states, grads, group)):
+            param.add_(direction, alpha=-step_size)
 
     @abstractmethod
     def reset(self, state: dict) -> None:
