@@ -207,6 +207,8 @@ def seeded_gaussian(
     The generator lives on ``device`` (CPU and CUDA streams differ; the same seed on the
     same device type always gives the same matrix). Drawn in float32, returned in ``dtype``.
     """
+    if torch.device(device).type == "meta":  # shapes only (the memory bench): nothing to draw
+        return torch.empty(rows, cols, device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     sample = torch.randn(rows, cols, generator=generator, device=device, dtype=torch.float32)
     return sample.mul_(std).to(dtype)

@@ -31,6 +31,12 @@ class SVDFailure(RuntimeError):
     """The SVD did not converge or its input was not finite."""
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN / inf in ``tensor``; a meta tensor (shapes only: the memory bench steps optimizers
+    on the meta device) has no values to check."""
+    return tensor.is_meta or bool(torch.isfinite(tensor).all())
+
+
 def _compute_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -43,7 +49,7 @@ def svd(matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> tuple[torc
     if matrix.ndim < 2:
         raise ValueError(f"svd expects a 2-D tensor or a batch of them, got shape {tuple(matrix.shape)}")
     work = matrix.detach().to(_compute_dtype(matrix, dtype))
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise SVDFailure("matrix has non-finite entries")
     try:
         return torch.linalg.svd(work, full_matrices=False)
@@ -97,7 +103,7 @@ def randomized_svd(
     ``E||W - Q Q^T W|| <= (1 + 9 sqrt(k min(m, n)))^(1/(2q+1)) s_{r+1}`` for ``k = rank + oversample``.
     """
     work = matrix.detach().to(_compute_dtype(matrix, dtype))
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise SVDFailure("matrix has non-finite entries")
     m, n = work.shape[-2:]
     if sketch is None:
@@ -124,7 +130,7 @@ def warm_svd(
     iterations; ``niter = 0`` only re-orders ``start`` into singular directions.
     """
     work = matrix.detach().to(_compute_dtype(matrix, dtype))
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise SVDFailure("matrix has non-finite entries")
     basis = orthonormal_basis(start.to(device=work.device, dtype=work.dtype))
     return _rayleigh_ritz(work, _power_iterations(work, basis, niter), rank)
