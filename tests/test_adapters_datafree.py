@@ -273,7 +273,7 @@ def test_init_report_times_every_layer(tmp_path):
     assert report["total_seconds"] == pytest.approx(sum(report["layers"].values()))
     assert all(layer.init_seconds == report["layers"][name] for name, layer in layers.items())
     save_adapter(model, tmp_path)
-    assert init_report(load_adapter(make_llama(), tmp_path)) == {"total_seconds": 0, "layers": {}}
+    assert init_report(load_adapter(make_llama(), tmp_path)) == {"total_seconds": 0, "layers": {}, "residual_error": {}}
     with pytest.raises(RankwiseError, match="has no adapters"):
         init_report(make_llama())
 

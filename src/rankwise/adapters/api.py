@@ -15,7 +15,10 @@
    :func:`unload`).
 
 Step 3 times each layer's ``initialize`` (the SVD / QR / LU of data-free inits, the
-decompositions of data-driven ones) into ``layer.init_seconds``; :func:`init_report` sums them.
+decompositions of data-driven ones) into ``layer.init_seconds`` -- work shared by the layers
+(``prepare_initialization``: one batched SVD per shape) is split evenly among them -- and,
+for inits that rewrite the base, records the relative residual ``||W - offset||_F / ||W||_F``
+in ``layer.init_residual``; :func:`init_report` reports both.
 
 Named adapters: every adapter has a name (``adapter_name="default"``). Adapting again with a
 NEW name adds a second adapter (same or another method, same or other modules); a module
@@ -298,26 +301,39 @@ def _refuse_tied_weights(model: nn.Module, bases: dict[str, nn.Module]) -> None:
             )
 
 
-def initialize_timed(layer: AdapterLayer, stats: Any) -> None:
-    """``layer.initialize(stats)``, its wall-clock seconds stored in ``layer.init_seconds``."""
-    start = time.perf_counter()
-    layer.initialize(stats)
+def _synchronize(layer: AdapterLayer) -> None:
     device = layer.factory["device"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them
-    layer.init_seconds = time.perf_counter() - start
+
+
+def initialize_timed(layer: AdapterLayer, stats: Any, shared_seconds: float = 0.0) -> None:
+    """``layer.initialize(stats)``, its wall-clock seconds (plus its share ``shared_seconds`` of
+    the batched preparation) stored in ``layer.init_seconds``; for a base-rewriting init also
+    ``layer.init_residual = ||W - base_offset()||_F / ||W||_F`` (not timed)."""
+    start = time.perf_counter()
+    layer.initialize(stats)
+    _synchronize(layer)
+    layer.init_seconds = time.perf_counter() - start + shared_seconds
+    if layer.rewrites_base:
+        with torch.no_grad():
+            weight = layer.base_weight()
+            residual = torch.linalg.matrix_norm(weight - layer.base_offset().to(weight.device))
+            layer.init_residual = (residual / torch.linalg.matrix_norm(weight).clamp_min(1e-30)).item()
 
 
 def init_report(model: nn.Module) -> dict[str, Any]:
-    """``{"total_seconds": float, "layers": {module name: seconds}}``: time spent in each layer's
-    initialisation by :func:`adapt` (statistics collection for data-driven methods not included).
+    """``{"total_seconds": float, "layers": {module name: seconds}, "residual_error": {module
+    name: ||W - offset||_F / ||W||_F}}``: time spent in each layer's initialisation by
+    :func:`adapt` (statistics collection for data-driven methods not included) and, for inits
+    that move part of ``W`` into the adapter (PiSSA, OLoRA, CorDA, SVFit, ...), the relative
+    Frobenius norm of what stayed in the base (for PiSSA's exact SVD ``sqrt(sum_{i>r}
+    s_i^2) / ||W||_F``, the least any rank-r split leaves; a randomized SVD leaves more).
     Layers built by ``load_adapter`` were not initialised and are not listed."""
-    layers = {
-        name: layer.init_seconds
-        for name, layer in require_adapters(model, "report init times").items()
-        if layer.init_seconds is not None
-    }
-    return {"total_seconds": sum(layers.values()), "layers": layers}
+    adapters = require_adapters(model, "report init times")
+    layers = {name: layer.init_seconds for name, layer in adapters.items() if layer.init_seconds is not None}
+    residuals = {name: layer.init_residual for name, layer in adapters.items() if layer.init_residual is not None}
+    return {"total_seconds": sum(layers.values()), "layers": layers, "residual_error": residuals}
 
 
 def adapt(
@@ -379,7 +395,13 @@ def adapt(
     }
     for name, layer in layers.items():
         layer.siblings = existing_layers(model, name)  # its init sees the weight the other adapters restore
-        initialize_timed(layer, stats.get(name))
+    start = time.perf_counter()
+    cls.prepare_initialization(layers, stats)
+    for layer in layers.values():
+        _synchronize(layer)
+    shared_seconds = (time.perf_counter() - start) / max(len(layers), 1)
+    for name, layer in layers.items():
+        initialize_timed(layer, stats.get(name), shared_seconds)
     rewrite_bases(layers.values())
     install_layers(model, layers, adapter_name)
     return model

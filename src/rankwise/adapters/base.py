@@ -272,6 +272,9 @@ class AdapterLayer(nn.Module):
     training_optimizer: ClassVar[str | None] = None
     #: seconds ``adapt`` spent in this layer's :meth:`initialize` (None: built by ``load_adapter``)
     init_seconds: float | None = None
+    #: ``||W - base_offset()||_F / ||W||_F`` after the init of a ``rewrites_base`` method: the
+    #: share of the weight left in the base (None otherwise)
+    init_residual: float | None = None
 
     def __init__(
         self,
@@ -356,6 +359,11 @@ class AdapterLayer(nn.Module):
     ) -> dict[str, int]:
         """Rank of each layer; default the same ``rank`` everywhere."""
         return {name: rank for name in bases}
+
+    @classmethod
+    def prepare_initialization(cls, layers: dict[str, "AdapterLayer"], stats: dict) -> None:
+        """Hook: work the layers of one ``adapt`` call share before their :meth:`initialize`
+        (e.g. one batched SVD of every same-shape weight); default none."""
 
     @classmethod
     def make_shared(cls, bases: dict[str, nn.Module], rank: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -72,12 +72,52 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
+#: at most this many weight entries per batched SVD (256 MiB of float32): bounds the extra memory
+BATCH_NUMBERS = 1 << 26
+
+
 def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` ``U_r, S_r, Vh_r`` of the layer's weight in float32, on its device."""
+    """Top-``rank`` ``U_r, S_r, Vh_r`` of the layer's weight in float32, on its device (the ones
+    :func:`prefetch_principal_triplets` computed in a batch, when it did)."""
+    prefetched = layer.__dict__.pop("prefetched_triplets", None)
+    if prefetched is not None:
+        return prefetched
     try:
         return truncated_svd(layer.base_weight(), layer.rank, niter=layer.options["niter"])
     except SVDFailure as exc:
         raise layer.error(f"cannot take the SVD of the weight ({exc}); check the model's weights") from None
+
+
+def prefetch_principal_triplets(layers: dict[str, AdapterLayer]) -> None:
+    """The top-``rank`` SVDs of every weight, same-shape weights (same device, rank and ``niter``)
+    stacked into batched calls of at most :data:`BATCH_NUMBERS` entries; each layer's
+    :func:`principal_triplets` then returns its share. A batch that fails is left to the layers
+    (whose own SVD names the layer in its error)."""
+    batches: dict[tuple, list[AdapterLayer]] = {}
+    for layer in layers.values():
+        key = (layer.out_features, layer.in_features, str(layer.factory["device"]), layer.rank, layer.options["niter"])
+        batches.setdefault(key, []).append(layer)
+    for (out_features, in_features, _, rank, niter), members in batches.items():
+        if len(members) < 2:
+            continue
+        size = max(1, BATCH_NUMBERS // (out_features * in_features))
+        for first in range(0, len(members), size):
+            chunk = members[first:first + size]
+            try:
+                u, s, vh = truncated_svd(torch.stack([layer.base_weight() for layer in chunk]), rank, niter=niter)
+            except SVDFailure:
+                continue
+            for index, layer in enumerate(chunk):
+                layer.prefetched_triplets = (u[index].clone(), s[index].clone(), vh[index].clone())  # own memory
+
+
+class BatchedPrincipalInit:
+    """Mixin of the inits built on :func:`principal_triplets`: their SVDs run batched over
+    same-shape layers (``AdapterLayer.prepare_initialization``)."""
+
+    @classmethod
+    def prepare_initialization(cls, layers: dict[str, AdapterLayer], stats: dict) -> None:
+        prefetch_principal_triplets(layers)
 
 
 class LoraRewriteLayer(LoraShapedLayer):

@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
-from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
+from rankwise.adapters.rewrite import (
+    BatchedPrincipalInit,
+    Factors,
+    FactoredRewriteLayer,
+    as_dtype,
+    principal_triplets,
+)
 from rankwise.common_options import NITER
 from rankwise.options import Option
 
@@ -51,7 +57,7 @@ from rankwise.options import Option
     arxiv="2409.00055",
     supports=FULL_PRECISION,
 )
-class SorsaLayer(FactoredRewriteLayer):
+class SorsaLayer(BatchedPrincipalInit, FactoredRewriteLayer):
     """``W_res x + s U_p diag(S_p) V_p^T x`` with all three principal factors trainable."""
 
     OPTIONS = {

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
-from rankwise.adapters.rewrite import Factors, FactoredRewriteLayer, as_dtype, principal_triplets
+from rankwise.adapters.rewrite import (
+    BatchedPrincipalInit,
+    Factors,
+    FactoredRewriteLayer,
+    as_dtype,
+    principal_triplets,
+)
 from rankwise.common_options import NITER
 
 
@@ -45,7 +51,7 @@ from rankwise.common_options import NITER
     arxiv="2409.05926",
     supports=FULL_PRECISION,
 )
-class SvfitLayer(FactoredRewriteLayer):
+class SvfitLayer(BatchedPrincipalInit, FactoredRewriteLayer):
     """``W_e x + s U_r diag(sigma) V_r^T x`` with only the r singular values ``sigma`` trainable."""
 
     OPTIONS = {"niter": NITER}

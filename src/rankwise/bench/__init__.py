@@ -201,6 +201,10 @@ def run_bench(
                 results[suite] = run_suite_sweep(module, preset, setups=setups, steps=steps, seed=seed, out=Path(out))
                 bar.update(len(suite_setups) * config.steps)
                 continue
+            if not suite_setups and suite in SUITE_RUNS:  # a measurement suite (speed, memory): its hook only
+                written += SUITE_RUNS[suite](SuiteRun(config, model_preset, Path(out), base_steps, model_dir,
+                                                      data_files, show_progress))
+                continue
             split, from_base = SUITE_WORKLOAD[suite]
             workload = users or embedded_workload(split, model_preset, config, from_base=from_base,
                                                   base_steps=base_steps, data_files=data_files,

@@ -19,17 +19,33 @@ Orientation (``proj_type``, the GaLore convention, arXiv 2403.03507):
 
 Random projections (:func:`seeded_gaussian`) are regenerated from an integer seed, so a
 checkpoint stores the seed, not the matrix, and a resumed run draws the same matrix.
+
+Subspace refresh (:func:`singular_bases`), by ``mode``:
+
+- ``svd``: the exact thin SVD (GaLore's).
+- ``randomized``: Halko et al.'s range finder with ``oversample`` extra columns and ``niter``
+  power iterations (:func:`rankwise.linalg.svd.randomized_svd`); the Gaussian test matrix is
+  drawn from the matrix's own integer seed, so a resumed run draws the same one.
+- ``warm``: ``niter`` block power iterations (:func:`rankwise.linalg.svd.warm_svd`) started
+  from the previous basis, widened by ``oversample`` seeded random directions ``W Omega``
+  (LDAdam's warm start, arXiv 2410.16103, which uses one iteration and no widening); a
+  matrix with no previous basis takes the ``randomized`` route.
+
+Matrices of the same shape, dtype and device are decomposed in one batched call; the
+result for each is the one it would get alone (same seed, same routine).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from rankwise.linalg.svd import svd
+from rankwise.linalg.svd import randomized_svd, svd, warm_svd
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+REFRESH_MODES = ("svd", "randomized", "warm")
 
 
 def projection_sides(shape: tuple[int, ...] | torch.Size, proj_type: str) -> tuple[bool, bool]:
@@ -104,16 +120,77 @@ def change_coordinates(
 
 
 def singular_basis(matrix: torch.Tensor, rank: int, *, use_left: bool, use_right: bool) -> Basis:
-    """Top-``rank`` singular vectors of ``matrix`` (SVD in float32) on the requested sides.
+    """Top-``rank`` singular vectors of ``matrix`` (exact SVD in float32) on the requested sides.
 
     ``L = U[:, :r]``, ``R = V[:, :r]``, returned contiguous in ``matrix.dtype`` (the copies
     own their memory, so the discarded singular vectors are freed). Raises
     :class:`rankwise.linalg.SVDFailure` on non-finite input or non-convergence.
     """
-    u, _, vh = svd(matrix)
-    left = u[:, :rank].to(matrix.dtype).contiguous() if use_left else None
-    right = vh[:rank].T.to(matrix.dtype).contiguous() if use_right else None
-    return Basis(left, right)
+    return singular_bases([matrix], rank, use_left=use_left, use_right=use_right)[0]
+
+
+def singular_bases(
+    matrices: Sequence[torch.Tensor],
+    rank: int,
+    *,
+    use_left: bool,
+    use_right: bool,
+    mode: str = "svd",
+    niter: int = 2,
+    oversample: int = 10,
+    seeds: Sequence[int] | None = None,
+    previous: Sequence[Basis | None] | None = None,
+) -> list[Basis]:
+    """Top-``rank`` singular bases of each matrix by ``mode`` (see the module docstring).
+
+    ``seeds`` (one int per matrix) draw the random test matrices of ``randomized`` / ``warm``;
+    ``previous`` holds each matrix's last basis for ``warm``. Same-shape matrices share one
+    batched decomposition. Factors are contiguous in each matrix's dtype. Raises
+    :class:`rankwise.linalg.SVDFailure` when any matrix of a batch is not finite or fails.
+    """
+    if mode not in REFRESH_MODES:
+        raise ValueError(f"refresh mode must be one of {REFRESH_MODES}, got {mode!r}")
+    count = len(matrices)
+    seeds = list(seeds) if seeds is not None else [0] * count
+    previous = list(previous) if previous is not None else [None] * count
+    batches: dict[tuple, list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        warm = mode == "warm" and previous[index] is not None
+        batches.setdefault((tuple(matrix.shape), matrix.dtype, matrix.device, warm), []).append(index)
+    result: list[Basis | None] = [None] * count
+    for (_, dtype, _, warm), members in batches.items():
+        stacked = torch.stack([matrices[i].detach() for i in members])
+        # The range finder works on the left side: orient the matrix so the wanted side is that one.
+        flip = mode != "svd" and not use_left
+        u, _, vh = _top_triplets(stacked.mT if flip else stacked, rank, mode, warm, niter, oversample,
+                                 [seeds[i] for i in members], [previous[i] for i in members], not flip)
+        lefts, rights = (vh.mT, u) if flip else (u, vh.mT)
+        for position, index in enumerate(members):
+            left = lefts[position].to(dtype).contiguous() if use_left else None
+            right = rights[position].to(dtype).contiguous() if use_right else None
+            result[index] = Basis(left, right)
+    return result  # type: ignore[return-value]
+
+
+def _top_triplets(
+    oriented: torch.Tensor, rank: int, mode: str, warm: bool, niter: int, oversample: int,
+    seeds: Sequence[int], previous: Sequence[Basis | None], left_side: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if mode == "svd":
+        u, s, vh = svd(oriented)
+        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    rows, cols = oriented.shape[-2:]
+    extra = min(oversample, min(rows, cols) - rank) if warm else min(rank + oversample, rows, cols)
+    device = oriented.device
+    sketch = torch.stack([seeded_gaussian(cols, extra, seed, device=device) for seed in seeds]) if extra > 0 else None
+    if not warm:
+        return randomized_svd(oriented, rank, niter=niter, sketch=sketch)
+    compute = torch.float64 if oriented.dtype == torch.float64 else torch.float32
+    start = torch.stack([(basis.left if left_side else basis.right) for basis in previous])  # type: ignore[union-attr]
+    start = start.to(device=device, dtype=compute)
+    if sketch is not None:
+        start = torch.cat([start, oriented.to(compute) @ sketch.to(compute)], dim=-1)
+    return warm_svd(oriented, start, rank, niter=niter)
 
 
 def seeded_gaussian(
@@ -130,6 +207,8 @@ def seeded_gaussian(
     The generator lives on ``device`` (CPU and CUDA streams differ; the same seed on the
     same device type always gives the same matrix). Drawn in float32, returned in ``dtype``.
     """
+    if torch.device(device).type == "meta":  # shapes only (the memory bench): nothing to draw
+        return torch.empty(rows, cols, device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     sample = torch.randn(rows, cols, generator=generator, device=device, dtype=torch.float32)
     return sample.mul_(std).to(dtype)

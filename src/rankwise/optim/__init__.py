@@ -124,7 +124,7 @@ def _refuse_frozen_zeros(optimizer: torch.optim.Optimizer, optimizer_class: type
     """RankwiseError when the optimizer cannot move an all-zero weight and group 0 holds one."""
     if not getattr(optimizer_class, "zero_weights_stay_zero", False) or not optimizer.param_groups:
         return
-    zero = [p for p in optimizer.param_groups[0]["params"] if p.ndim == 2 and not p.detach().any()]
+    zero = [p for p in optimizer.param_groups[0]["params"] if p.ndim == 2 and not p.is_meta and not p.detach().any()]
     if zero:
         described = getattr(optimizer, "param_name", lambda p: f"a {tuple(p.shape)} weight")(zero[0])
         raise RankwiseError(

@@ -64,7 +64,7 @@ from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import ADAM, SEED, SUBSPACE, with_defaults
 from rankwise.optim.pieces import LowRankStep, Projector, UpdateRule
-from rankwise.optim.projectors import GaussianProjector, SVDProjector
+from rankwise.optim.projectors import REFRESH, GaussianProjector, SVDProjector
 from rankwise.optim.rules import limit_norm_growth
 from rankwise.options import Option
 
@@ -125,6 +125,7 @@ class APOLLOAdamW(LowRankAdamW):
     OPTIONS = {
         **with_defaults(SUBSPACE, scale=1.0),
         **SEED,
+        **REFRESH,  # used by proj="svd"
         "proj": Option("random", str, choices=PROJECTIONS, help="random: seeded Gaussian sketch; svd: GaLore's basis"),
         "scale_type": Option(
             "channel", str, choices=SCALE_TYPES, help="one scaling factor per channel (column / row) or per tensor"

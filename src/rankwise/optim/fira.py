@@ -51,7 +51,7 @@ from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import SUBSPACE, without
 from rankwise.optim.pieces import LowRankStep, UpdateRule
-from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.projectors import REFRESH, SVDProjector
 from rankwise.optim.rules import limit_norm_growth
 from rankwise.options import Option
 
@@ -101,6 +101,7 @@ class FiraAdamW(LowRankAdamW):
     update_rule = FiraResidual()
     OPTIONS = {
         **without(SUBSPACE, "scale"),
+        **REFRESH,
         "alpha": Option(1.0, float, low=0, low_open=True, help="scale of the low-rank update alpha P N (fira's name)"),
     }
     ALIASES = {"scale": "alpha"}

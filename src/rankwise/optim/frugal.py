@@ -79,7 +79,7 @@ from rankwise.optim.inner import WEIGHT_KEYS, bias_corrections
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import ADAM, SEED, SUBSPACE, with_defaults
 from rankwise.optim.pieces import LowRankStep, Projector, UpdateRule
-from rankwise.optim.projectors import SeededProjector, SVDProjector, mix_seed
+from rankwise.optim.projectors import REFRESH, SeededProjector, SVDProjector, mix_seed
 from rankwise.options import Option
 
 PROJECTIONS = ("blocks", "svd", "random", "coordinates")
@@ -122,8 +122,8 @@ def active_blocks(size: int, count: int, order: str, refresh: int, seed: int) ->
 class RankedSVDProjector(SVDProjector):
     """GaLore's SVD projector at FRUGAL's rank ``round(rho * side)``."""
 
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        super().refresh(state, grad, {**group, "rank": subspace_rank(grad.shape, group)}, seed=seed)
+    def rank_for(self, shape: Sequence[int], group: Mapping[str, Any]) -> int:
+        return subspace_rank(shape, group)
 
 
 class RandomOrthogonalProjector(SeededProjector):
@@ -255,6 +255,7 @@ class FrugalAdamW(LowRankAdamW):
     OPTIONS = {
         **with_defaults(SUBSPACE, scale=1.0, moment_policy="reset"),
         **SEED,
+        **REFRESH,  # used by proj="svd"
         "rank": Option(None, int, low=1, nullable=True,
                        help="state-full rank for proj svd / random; None = round(density * projected side)"),
         "density": Option(0.25, float, low=0, high=1, help="share rho of the state-full space"),

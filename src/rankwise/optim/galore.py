@@ -32,6 +32,10 @@ Deviations from the reference package (galore-torch 1.0):
   switch -- the default ``keep`` is the paper's (and the reference's) behaviour -- and
   ``bias_correction`` (``global``, the paper's; ``per_coordinate`` corrects coordinates new
   to the subspace after a ``rotate`` switch like a fresh start, see :mod:`rankwise.optim.inner`).
+- Extra keys ``refresh`` (``svd``, the paper's exact SVD; ``randomized``; ``warm``),
+  ``refresh_niter``, ``refresh_oversample`` (:data:`rankwise.optim.projectors.REFRESH`,
+  shared by every SVD-based projector); the due weights of a group are decomposed in one
+  batched call per shape.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from __future__ import annotations
 from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import SUBSPACE
-from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.projectors import REFRESH, SVDProjector
 from rankwise.optim.rules import DropResidual
 
 
@@ -58,4 +62,4 @@ class GaLoreAdamW(LowRankAdamW):
 
     projector = SVDProjector()
     update_rule = DropResidual()
-    OPTIONS = SUBSPACE
+    OPTIONS = {**SUBSPACE, **REFRESH}

@@ -46,7 +46,7 @@ from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.inner import ADAM_8BIT, QuantizedAdamMoments
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import SUBSPACE
-from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.projectors import REFRESH, SVDProjector
 from rankwise.optim.rules import DropResidual
 
 
@@ -69,4 +69,4 @@ class GaLoreAdamW8bit(LowRankAdamW):
     inner = QuantizedAdamMoments()
     update_rule = DropResidual()
     HYPERPARAMETERS = ADAM_8BIT
-    OPTIONS = SUBSPACE
+    OPTIONS = {**SUBSPACE, **REFRESH}

@@ -65,7 +65,7 @@ from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import SUBSPACE
 from rankwise.optim.pieces import Reparametrised
-from rankwise.optim.projectors import SVDProjector
+from rankwise.optim.projectors import REFRESH, SVDProjector
 from rankwise.optim.rules import DropResidual
 
 NORM_GUARD = 1e-12  # keeps u = W / g finite on an all-zero row (whose direction is then zero)
@@ -105,7 +105,7 @@ class GradNormLoRPAdamW(LowRankAdamW):
 
     projector = SVDProjector()
     update_rule = DropResidual()
-    OPTIONS = SUBSPACE
+    OPTIONS = {**SUBSPACE, **REFRESH}
     #: an all-zero weight has no direction and never moves (rankwise.optim.build refuses it)
     zero_weights_stay_zero = True
 

@@ -26,6 +26,10 @@ is corrected like a fresh start. The weights (``exp_avg_weight`` / ``exp_avg_sq_
 number per subspace coordinate: ``r`` for a one-sided basis) exist only after the first
 rotate switch; before it the option changes nothing.
 
+``update_many`` / ``step_many`` run the same formula for several parameters with torch's
+multi-tensor (``_foreach``) kernels, one launch per bucket of equal device, dtype and moment
+age, as ``torch.optim.AdamW(foreach=True)`` does.
+
 :class:`QuantizedAdamMoments` stores the same moments as 8-bit blockwise codes between steps
 (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", arXiv 2110.02861; see
 :mod:`rankwise.linalg.quant`): the first moment on the signed dynamic map, the square root of
@@ -42,7 +46,7 @@ would cost more than it saves).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -99,6 +103,69 @@ class AdamMoments(InnerOptimizer):
             if WEIGHT_KEYS[0] in state:
                 direction.mul_(self._relative_correction(state, group, first, second))
         return direction, step_size
+
+    def _multi_tensor(self, states: Sequence[dict]) -> bool:
+        """Whether the multi-tensor kernels compute exactly :meth:`update` here: this class's
+        own ``update`` (not a subclass's variant) and no per-coordinate history weights."""
+        return type(self).update is AdamMoments.update and not any(WEIGHT_KEYS[0] in st for st in states)
+
+    def _foreach_moments(
+        self, states: Sequence[dict], grads: Sequence[torch.Tensor], group: Mapping[str, Any]
+    ) -> list[tuple[list[int], list[torch.Tensor], list[torch.Tensor], float]]:
+        """The moment update of :meth:`update` with torch's ``_foreach`` kernels, one launch per
+        bucket of parameters sharing device, dtype and moment age; per bucket
+        ``(indices, exp_avgs, sqrt(v) + eps, step_size)``."""
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple, list[int]] = {}
+        for index, (state, grad) in enumerate(zip(states, grads)):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            age = state["step"] - state.get("moment_origin", 0)
+            buckets.setdefault((grad.device, grad.dtype, age), []).append(index)
+        result = []
+        for members in buckets.values():
+            exp_avgs = [states[i]["exp_avg"] for i in members]
+            exp_avg_sqs = [states[i]["exp_avg_sq"] for i in members]
+            chosen = [grads[i] for i in members]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, chosen, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, chosen, chosen, value=1.0 - beta2)
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denominators, group["eps"])
+            step_size = group["lr"]
+            if group["correct_bias"]:
+                first, second = bias_corrections(states[members[0]], group)
+                step_size = step_size * math.sqrt(second) / first
+            result.append((members, exp_avgs, denominators, step_size))
+        return result
+
+    def update_many(
+        self, states: Sequence[dict], grads: Sequence[torch.Tensor], group: Mapping[str, Any]
+    ) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`update` of several parameters with multi-tensor kernels (as ``torch.optim.AdamW(foreach=True)``)."""
+        if not self._multi_tensor(states):
+            return super().update_many(states, grads, group)
+        result: list[tuple[torch.Tensor, float] | None] = [None] * len(states)
+        for members, exp_avgs, denominators, step_size in self._foreach_moments(states, grads, group):
+            for index, direction in zip(members, torch._foreach_div(exp_avgs, denominators)):
+                result[index] = (direction, step_size)
+        return result  # type: ignore[return-value]
+
+    def step_many(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict],
+        group: Mapping[str, Any],
+    ) -> None:
+        """``W -= step_size * m / (sqrt(v) + eps)`` in place for several parameters. A division then
+        an add (not the fused ``_foreach_addcdiv_``, which rounds differently), so the result is
+        bitwise the per-tensor :meth:`update`'s."""
+        if not self._multi_tensor(states):
+            super().step_many(params, grads, states, group)
+            return
+        for members, exp_avgs, denominators, step_size in self._foreach_moments(states, grads, group):
+            directions = torch._foreach_div(exp_avgs, denominators)
+            torch._foreach_add_([params[i] for i in members], directions, alpha=-step_size)
 
     @staticmethod
     def _relative_correction(state: dict, group: Mapping[str, Any], first: float, second: float) -> torch.Tensor:

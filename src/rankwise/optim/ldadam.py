@@ -91,9 +91,12 @@ class PowerIterationProjector(SVDProjector):
     """LDAdam's subspace: SVD of the first gradient, then one warm-started power iteration per
     refresh on ``rho * (momentum projected back) + (1 - rho) * gradient``."""
 
+    batched = False  # each refresh depends on the parameter's own momentum
+
     def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
         if not self.has_basis(state):
-            super().refresh(state, grad, group, seed=seed)
+            use_left, use_right = projection_sides(grad.shape, group["proj_type"])
+            self.store(state, singular_basis(grad, group["rank"], use_left=use_left, use_right=use_right), grad, group)
             return
         old = self.basis(state, grad)
         target = grad

@@ -6,7 +6,7 @@ One step of a projected parameter ``W`` (``m x n``) with gradient ``G`` (the sea
     G non-finite?  -> skip (state untouched, warned once)
     G      = prepare_gradient(G)                                  # hook: e.g. G + stored error
     X, G_X = reparametrise(W, G)                                  # hook: the tensor the step trains (W)
-    if refresh is due:  projector.refresh(state, G_X, group)      # new subspace, timed
+    if refresh is due:  projector.refresh(state, G_X, group)      # new subspace, timed (batched: see step)
                         switch_moments(old basis -> new basis)    # hook: keep / reset / rotate
     basis  = projector.basis(state, X)                            # L (m x r) and/or R (n x r)
     low    = basis.project(G_X)                                   # L^T G R
@@ -19,6 +19,13 @@ One step of a projected parameter ``W`` (``m x n``) with gradient ``G`` (the sea
 
 Parameters in groups without the key ``rank`` skip the projection, the update rule and the
 hooks: they run the inner optimizer on the full gradient (plain AdamW).
+
+``step()`` runs the same arithmetic group by group in phases, so the element-wise parts use
+torch's multi-tensor kernels (``InnerOptimizer.update_many`` / ``step_many``: Adam's moments,
+the unprojected update; one ``_foreach_add_`` for the weight decay) as
+``torch.optim.AdamW(foreach=True)`` does, and the subspaces due at this step are decomposed
+in batched calls (``SVDProjector.decompose``); :meth:`LowRankAdamW.step_parameter` is the
+one-parameter path (layerwise mode, FSDP2 shards) and gives the same result.
 
 Guarantees the base class gives every method
 - Options: ``HYPERPARAMETERS`` (Adam's, :data:`rankwise.optim.options.ADAM`, with the method's
@@ -65,6 +72,7 @@ How to add an optimizer
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, final
 
 import torch
@@ -77,10 +85,24 @@ from rankwise.optim.base import OptimizerMethod
 from rankwise.optim.distributed import NONFINITE_MESSAGE, is_dtensor, step_sharded
 from rankwise.optim.inner import AdamMoments
 from rankwise.optim.numerics import gradient_is_finite
-from rankwise.optim.pieces import InnerOptimizer, LowRankStep, Projector, Reparametrised, UpdateRule
+from rankwise.optim.pieces import InnerOptimizer, LowRankStep, Projector, RefreshItem, Reparametrised, UpdateRule
 from rankwise.options import resolve
 
 _SEALED = ("step_parameter",)
+
+
+@dataclass
+class _Started:
+    """A parameter's step up to the inner optimizer (``low_grad`` is None for an unprojected one)."""
+
+    param: torch.Tensor
+    group: Mapping[str, Any]
+    weight: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    trained: Reparametrised | None = None
+    basis: Basis | None = None
+    low_grad: torch.Tensor | None = None
 
 
 class LowRankAdamW(OptimizerMethod, Optimizer):
@@ -127,6 +149,7 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         self._positions: dict[int, int] = {}
         self.refresh_seconds = 0.0
         self.shared_buffers: dict[str, torch.Tensor] = {}  # e.g. one DCT matrix per size; counted once
+        self._prepared: dict[int, Basis] = {}  # id(param) -> basis decomposed ahead by the batched refresh
         super().__init__(params, defaults)
 
     @classmethod
@@ -220,12 +243,68 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of every parameter with a gradient: :meth:`step_parameter`'s arithmetic, with
+        the element-wise parts (Adam's moments, the update of unprojected parameters, the
+        weight decay) run by torch's multi-tensor kernels over the group, and the due
+        subspaces of a group decomposed in batched calls."""
         loss = self.evaluate_closure(closure)
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
+            params = [param for param in group["params"] if param.grad is not None]
+            if "rank" in group:
+                self._decompose_due(params, group)
+            pending = []
+            for param in params:
+                if is_dtensor(param):
                     self.step_parameter(param, group)
+                elif (started := self._begin(param, group, param, param.grad)) is not None:
+                    pending.append(started)
+            if not pending:
+                continue
+            if "rank" not in group:
+                self.inner.step_many([p.weight for p in pending], [p.grad for p in pending],
+                                     [p.state for p in pending], group)
+                self._decay_many([p.weight for p in pending], group)
+                continue
+            steps = self.inner.update_many([p.state for p in pending], [p.low_grad for p in pending], group)
+            for started, (direction, step_size) in zip(pending, steps):
+                self._apply(started, direction, step_size)
+            self._decay_many([p.weight for p in pending], group)
+            for started in pending:
+                self.after_update(started.param, started.weight, started.state, group)
+        self._prepared.clear()
         return loss
+
+    def _decompose_due(self, params: Sequence[torch.Tensor], group: Mapping[str, Any]) -> None:
+        """Batched refresh: the new subspaces of every parameter of ``group`` due for a refresh
+        at this step, decomposed together (same-shape gradients in one call) and left in
+        ``self._prepared`` for their steps. Only for a batched projector and when the
+        gradient the refresh sees can be computed ahead without touching the state (the
+        default ``prepare_gradient``; ``reparametrise`` never changes the state). A batch that
+        fails is left to the per-parameter refreshes (which keep the previous subspace)."""
+        projector = self.projector_for(group)
+        if not projector.batched or type(self).prepare_gradient is not LowRankAdamW.prepare_gradient:
+            return
+        items, owners = [], []
+        for param in params:
+            if is_dtensor(param) or param.grad.is_sparse or not gradient_is_finite(param.grad):
+                continue
+            state = self.state[param]
+            state.setdefault("step", 0)
+            if not self.refresh_due(state, group):
+                continue
+            trained = self.reparametrise(param, param.grad, state, group)
+            items.append(RefreshItem(trained.grad, state, self.parameter_seed(param, group)))
+            owners.append(param)
+        if len(items) < 2:
+            return  # nothing to batch: the step's own refresh is the same call
+        start = self._clock(items[0].grad)
+        try:
+            bases = projector.decompose(items, group)
+        except SVDFailure:
+            return
+        finally:
+            self.refresh_seconds += self._clock(items[0].grad) - start
+        self._prepared.update({id(param): basis for param, basis in zip(owners, bases)})
 
     @final
     @torch.no_grad()
@@ -246,40 +325,67 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         """
         if weight is None and is_dtensor(param):
             return step_sharded(self, param, group)
-        weight = param if weight is None else weight
-        grad = param.grad if grad is None else grad
+        started = self._begin(param, group, param if weight is None else weight, param.grad if grad is None else grad)
+        if started is None:
+            return False
+        if started.low_grad is None:
+            direction, step_size = self.inner.update(started.state, started.grad, group)
+            started.weight.add_(direction, alpha=-step_size)
+            self._decay(started.weight, group)
+            return True
+        direction, step_size = self.inner.update(started.state, started.low_grad, group)
+        self._apply(started, direction, step_size)
+        self._decay(started.weight, group)
+        self.after_update(param, started.weight, started.state, group)
+        return True
+
+    def _begin(
+        self, param: torch.Tensor, group: Mapping[str, Any], weight: torch.Tensor, grad: torch.Tensor
+    ) -> _Started | None:
+        """The step up to the inner optimizer: guards, step count, and for a projected parameter
+        the prepared gradient, the subspace (refreshed when due) and ``L^T G R``. None = skipped."""
         if grad.is_sparse:
             raise RankwiseError(f"{type(self).__name__} does not support sparse gradients ({self.param_name(param)})")
         if not gradient_is_finite(grad):
             self.warn_once("nonfinite", NONFINITE_MESSAGE)
-            return False
+            return None
         state = self.state[param]
         state.setdefault("step", 0)
         if "rank" not in group:
             state["step"] += 1
-            direction, step_size = self.inner.update(state, grad, group)
-            weight.add_(direction, alpha=-step_size)
-            self._decay(weight, group)
-            return True
+            return _Started(param, group, weight, grad, state)
         grad = self.prepare_gradient(grad, state, group)
         trained = self.reparametrise(weight, grad, state, group)
         basis = self._current_basis(param, trained.grad, state, group, like=trained.tensor)
         if basis is None:
-            return False
+            return None
         low_grad = basis.project(trained.grad)
         state["step"] += 1
-        direction, step_size = self.inner.update(state, low_grad, group)
-        step = LowRankStep(trained.tensor, trained.grad, low_grad, direction, step_size, basis, state, group)
+        return _Started(param, group, weight, grad, state, trained, basis, low_grad)
+
+    def _apply(self, started: _Started, direction: torch.Tensor, step_size: float) -> None:
+        """The update rule's full-size update applied to the trained tensor, then written back."""
+        trained, group = started.trained, started.group
+        step = LowRankStep(trained.tensor, trained.grad, started.low_grad, direction, step_size, started.basis,
+                           started.state, group)
         trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)
-        self.write_back(weight, trained, state, group)
-        self._decay(weight, group)
-        self.after_update(param, weight, state, group)
-        return True
+        self.write_back(started.weight, trained, started.state, group)
 
     @staticmethod
     def _decay(weight: torch.Tensor, group: Mapping[str, Any]) -> None:
         if group["weight_decay"] > 0.0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
+
+    @staticmethod
+    def _decay_many(weights: Sequence[torch.Tensor], group: Mapping[str, Any]) -> None:
+        """:meth:`_decay` of several weights, one multi-tensor launch per device and dtype."""
+        if group["weight_decay"] <= 0.0 or not weights:
+            return
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for weight in weights:
+            buckets.setdefault((weight.device, weight.dtype), []).append(weight)
+        for members in buckets.values():
+            torch._foreach_add_(members, members, alpha=-group["lr"] * group["weight_decay"])
 
     def _current_basis(
         self, param: torch.Tensor, grad: torch.Tensor, state: dict, group: Mapping[str, Any], *, like: torch.Tensor
@@ -289,9 +395,13 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         if not self.refresh_due(state, group):
             return projector.basis(state, like)
         old = projector.basis(state, like) if projector.has_basis(state) else None
+        prepared = self._prepared.pop(id(param), None)
         start = self._clock(grad)
         try:
-            projector.refresh(state, grad, group, seed=self.parameter_seed(param, group))
+            if prepared is not None:
+                projector.store(state, prepared, grad, group)  # type: ignore[attr-defined]
+            else:
+                projector.refresh(state, grad, group, seed=self.parameter_seed(param, group))
         except SVDFailure as exc:
             self.warn_once("svd", f"subspace refresh failed ({exc}); kept the previous subspace or skipped the step")
             if old is None:

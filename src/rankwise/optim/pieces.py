@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from rankwise.linalg.projections import Basis
+
+
+@dataclass
+class RefreshItem:
+    """One parameter whose subspace is due: the gradient the projector sees, its state, its seed."""
+
+    grad: torch.Tensor
+    state: dict
+    seed: int
 
 
 class Projector(ABC):
@@ -24,7 +33,14 @@ class Projector(ABC):
     ``state`` unchanged when it raises :class:`rankwise.linalg.SVDFailure`. Random
     projectors draw from the ``seed`` they are given (combined with ``state["step"]``), store
     the derived integer and regenerate their matrices in ``basis``: never global RNG state.
+
+    A projector with ``batched = True`` also offers ``decompose(items, group) -> [Basis]``
+    (several parameters at once, no state written) and ``store(state, basis, grad, group)``,
+    with ``refresh = store(decompose([one]))``; the optimizer then decomposes the due
+    parameters of a group together.
     """
+
+    batched: bool = False
 
     @abstractmethod
     def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
@@ -45,6 +61,20 @@ class InnerOptimizer(ABC):
     @abstractmethod
     def update(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any]) -> tuple[torch.Tensor, float]:
         """Update the moments with ``grad``; return ``(direction, step_size)``."""
+
+    def update_many(
+        self, states: Sequence[dict], grads: Sequence[torch.Tensor], group: Mapping[str, Any]
+    ) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`update` for several parameters of one group (overridden by multi-tensor kernels)."""
+        return [self.update(state, grad, group) for state, grad in zip(states, grads)]
+
+    def step_many(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict],
+        group: Mapping[str, Any],
+    ) -> None:
+        """``W -= step_size * direction`` for several unprojected parameters (multi-tensor where overridden)."""
+        for param, (direction, step_size) in zip(params, self.update_many(states, grads, group)):
+            param.add_(direction, alpha=-step_size)
 
     @abstractmethod
     def reset(self, state: dict) -> None:

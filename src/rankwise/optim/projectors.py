@@ -9,18 +9,37 @@
 - :class:`SeededProjector`: the base of every random projector (APOLLO's, FRUGAL's random
   subspaces and coordinates): a refresh stores only an integer seed, ``basis`` regenerates.
 - :func:`mix_seed`: the seed derivation every random choice of the optimizers uses.
+- :data:`REFRESH`: the group keys of every SVD-based projector's refresh (``refresh`` =
+  svd | randomized | warm, ``refresh_niter``, ``refresh_oversample``), declared once here;
+  a method whose subspace is an SVD puts them in its ``OPTIONS``.
+
+Batched refresh: :meth:`SVDProjector.decompose` takes every parameter of a group whose
+refresh is due at this step and decomposes the same-shape gradients in one batched call
+(:func:`rankwise.linalg.projections.singular_bases`); :class:`~rankwise.optim.lowrank.LowRankAdamW`
+calls it once per group before the per-parameter steps and hands each parameter its basis.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from rankwise.linalg.projections import Basis, projection_sides, seeded_gaussian, singular_basis
-from rankwise.optim.pieces import Projector
+from rankwise.linalg.projections import REFRESH_MODES, Basis, projection_sides, seeded_gaussian, singular_bases
+from rankwise.optim.pieces import Projector, RefreshItem
+from rankwise.options import Option
+
+REFRESH: dict[str, Option] = {
+    "refresh": Option(
+        "svd", str, choices=REFRESH_MODES,
+        help="how an SVD subspace is recomputed: svd = exact thin SVD (the papers'), randomized = range finder "
+        "with oversampling and power iterations, warm = block power iterations from the previous basis",
+    ),
+    "refresh_niter": Option(2, int, low=0, help="power iterations of the randomized / warm refresh"),
+    "refresh_oversample": Option(10, int, low=0, help="extra random directions of the randomized / warm refresh"),
+}
 
 _MASK64 = (1 << 64) - 1
 
@@ -34,19 +53,51 @@ def mix_seed(seed: int, salt: int) -> int:
 
 
 class SVDProjector(Projector):
-    """GaLore's projector: top-``rank`` singular vectors of the current gradient (SVD in float32,
-    float64 for float64 gradients).
+    """GaLore's projector: top-``rank`` singular vectors of the current gradient (float32,
+    float64 for float64 gradients), computed by the group's ``refresh`` mode (:data:`REFRESH`).
 
     ``L = U[:, :r]`` / ``R = V[:, :r]`` on the side(s) chosen by ``proj_type``, stored in
-    the gradient's dtype as ``state["proj_left"]`` / ``state["proj_right"]``. ``seed`` is unused.
+    the gradient's dtype as ``state["proj_left"]`` / ``state["proj_right"]``. The random test
+    matrix of ``randomized`` / ``warm`` is drawn from ``mix_seed(seed, state["step"])``, so a
+    resumed run draws the same one.
     """
 
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        use_left, use_right = projection_sides(grad.shape, group["proj_type"])
-        basis = singular_basis(grad, group["rank"], use_left=use_left, use_right=use_right)
+    batched = True
+
+    def rank_for(self, shape: Sequence[int], group: Mapping[str, Any]) -> int:
+        """The subspace's rank for an ``m x n`` gradient (``group["rank"]``; FRUGAL derives it)."""
+        return group["rank"]
+
+    def decompose(self, items: Sequence[RefreshItem], group: Mapping[str, Any]) -> list[Basis]:
+        """New bases for ``items``; same-shape gradients share one batched decomposition."""
+        by_rank: dict[tuple, list[int]] = {}
+        for index, item in enumerate(items):
+            sides = projection_sides(item.grad.shape, group["proj_type"])
+            by_rank.setdefault((self.rank_for(item.grad.shape, group), sides), []).append(index)
+        result: list[Basis | None] = [None] * len(items)
+        mode = group["refresh"]
+        for (rank, (use_left, use_right)), members in by_rank.items():
+            chosen = [items[i] for i in members]
+            previous = None
+            if mode == "warm":
+                previous = [self.basis(it.state, it.grad) if self.has_basis(it.state) else None for it in chosen]
+            bases = singular_bases(
+                [it.grad for it in chosen], rank, use_left=use_left, use_right=use_right, mode=mode,
+                niter=group["refresh_niter"], oversample=group["refresh_oversample"],
+                seeds=[mix_seed(it.seed, it.state["step"]) for it in chosen], previous=previous,
+            )
+            for index, basis in zip(members, bases):
+                result[index] = basis
+        return result  # type: ignore[return-value]
+
+    def store(self, state: dict, basis: Basis, grad: torch.Tensor, group: Mapping[str, Any]) -> None:
+        """Write a new ``basis`` (from :meth:`decompose`) into ``state``."""
         for key, factor in (("proj_left", basis.left), ("proj_right", basis.right)):
             if factor is not None:
                 state[key] = factor
+
+    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
+        self.store(state, self.decompose([RefreshItem(grad, state, seed)], group)[0], grad, group)
 
     def has_basis(self, state: Mapping[str, Any]) -> bool:
         return "proj_left" in state or "proj_right" in state

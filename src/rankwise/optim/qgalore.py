@@ -66,28 +66,27 @@ from typing import Any, Mapping
 import torch
 
 from rankwise.errors import RankwiseError
-from rankwise.linalg.projections import Basis, projection_sides, singular_basis
+from rankwise.linalg.projections import Basis
 from rankwise.linalg.quant import minmax_dequantize, minmax_quantize
 from rankwise.optim.base import OPTIMIZERS
 from rankwise.optim.inner import ADAM_8BIT, QuantizedAdamMoments
 from rankwise.optim.lowrank import LowRankAdamW
 from rankwise.optim.options import SUBSPACE
-from rankwise.optim.pieces import Projector
+from rankwise.optim.projectors import REFRESH, SVDProjector
 from rankwise.optim.rules import DropResidual
 from rankwise.options import Option
 
 _SIDES = ("proj_left", "proj_right")
 
 
-class QuantizedSVDProjector(Projector):
-    """GaLore's SVD projector whose basis is stored with ``quant_n_bit`` min-max codes
-    (``proj_*_codes`` / ``proj_*_min`` / ``proj_*_step``; float ``proj_*`` when ``quant`` is
-    off), and which records ``|cos|`` between successive first singular vectors
-    (``proj_cos_window``, ``proj_cos_count``) and grows ``proj_gap`` (see module docstring)."""
+class QuantizedSVDProjector(SVDProjector):
+    """GaLore's SVD projector (any ``refresh`` mode, batched) whose basis is stored with
+    ``quant_n_bit`` min-max codes (``proj_*_codes`` / ``proj_*_min`` / ``proj_*_step``; float
+    ``proj_*`` when ``quant`` is off), and which records ``|cos|`` between successive first
+    singular vectors (``proj_cos_window``, ``proj_cos_count``) and grows ``proj_gap`` (see
+    module docstring)."""
 
-    def refresh(self, state: dict, grad: torch.Tensor, group: Mapping[str, Any], *, seed: int) -> None:
-        use_left, use_right = projection_sides(grad.shape, group["proj_type"])
-        new = singular_basis(grad, group["rank"], use_left=use_left, use_right=use_right)
+    def store(self, state: dict, new: Basis, grad: torch.Tensor, group: Mapping[str, Any]) -> None:
         if self.has_basis(state):
             self._record_alignment(state, group, _first_vector(self.basis(state, grad)), _first_vector(new))
         else:
@@ -164,6 +163,7 @@ class QGaLoreAdamW8bit(LowRankAdamW):
     HYPERPARAMETERS = ADAM_8BIT
     OPTIONS = {
         **SUBSPACE,
+        **REFRESH,
         "quant": Option(True, bool, help="store the projector as min-max codes (False: float, as GaLore)"),
         "quant_n_bit": Option(4, int, choices=(4, 8), help="bits of the projector codes"),
         "quant_group_size": Option(256, int, low=1, help="numbers per min-max group of the projector codes"),

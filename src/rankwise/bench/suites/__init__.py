@@ -5,7 +5,8 @@ embedded corpus split it trains on, and whether set-ups start from the cached ba
 method to the benchmark is one row in its suite's module; adding a suite is one module here
 and its name in ``SUITE_MODULES``. A suite that measures something other than training runs
 (the compress suite's ratio-vs-quality sweep) also defines ``run(context: SuiteRun) -> list
-of files written``, called after its set-ups train. A plain ``rankwise bench`` runs the ``default=True`` rows
+of files written``, called after its set-ups train (a suite without set-ups -- speed, memory
+-- runs its hook only: no workload is prepared). A plain ``rankwise bench`` runs the ``default=True`` rows
 of the pretrain and finetune suites; naming a suite (``--suite``) or ``--preset full`` runs
 all its rows, ``--setups`` exactly the rows named.
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 from rankwise.bench.setup import SetUp, StepFraction
 from rankwise.errors import RankwiseError
 
-SUITE_MODULES = ("pretrain", "optim", "finetune", "compress")
+SUITE_MODULES = ("pretrain", "optim", "finetune", "compress", "speed", "memory")
 
 _modules = {name: importlib.import_module(f"{__name__}.{name}") for name in SUITE_MODULES}
 SUITES: dict[str, list[SetUp]] = {name: module.SETUPS for name, module in _modules.items()}
