@@ -187,16 +187,16 @@ def test_the_suite_has_the_issue_methods_and_the_plain_bench_rows_use_the_swept_
 def test_bench_suite_pretrain_runs_the_sweep_on_the_embedded_corpus(rankwise_cache, one_thread, monkeypatch, tmp_path,
                                                                     capsys):
     monkeypatch.setitem(suite.SWEEP, "quick", TINY)
-    results = run_bench(["pretrain"], out=tmp_path, setups=["galore", "lora"], every_setup=True, show_progress=False)
+    results = run_bench(["pretrain"], out=tmp_path, setups=["galore", "lora (pretraining)"], every_setup=True, show_progress=False)
     printed = capsys.readouterr().out
-    for text in ("pretrain sweep", "published 60M", "galore <= lora: ", "SWEPT_LR: dict[str, float] = {",
+    for text in ("pretrain sweep", "published 60M", "galore <= lora (pretraining): ", "SWEPT_LR: dict[str, float] = {",
                  "sweep wall time"):
         assert text in printed
     rows = {row["setup"]: row for row in results["pretrain"]}
-    assert set(rows) == {"galore", "lora"} and rows["galore"]["published_60m"] == 34.88
+    assert set(rows) == {"galore", "lora (pretraining)"} and rows["galore"]["published_60m"] == 34.88
     record = json.loads((tmp_path / "sweep.json").read_text())
-    assert [r["setup"] for r in record["rows"]] == ["galore", "lora"] and record["config"]["lr_grid"] == [1e-3, 1e-2, 1e-1]
+    assert [r["setup"] for r in record["rows"]] == ["galore", "lora (pretraining)"] and record["config"]["lr_grid"] == [1e-3, 1e-2, 1e-1]
     assert record["orderings"][0]["better"] == "galore" and len(record["rows"][0]["seeds"]) == 2
     assert json.loads((tmp_path / "results.json").read_text())["suites"]["pretrain"][0]["setup"] == "galore"
-    with pytest.raises(RankwiseError, match="has no set-up"):
+    with pytest.raises(RankwiseError, match="no suite of pretrain has the set-up\\(s\\) nope"):
         run_bench(["pretrain"], out=tmp_path, setups=["nope"], every_setup=True, show_progress=False)
