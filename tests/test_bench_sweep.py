@@ -133,6 +133,26 @@ def test_the_grid_grows_past_an_end_the_best_lr_sits_at_by_the_same_rule_for_eve
     assert [c for c in calls if c[2] == 1] == [(r.setup.name, r.chosen_lr, 1) for r in (low, inside, far)]
 
 
+def test_a_diverging_lr_is_a_recorded_result_not_the_end_of_the_sweep(tmp_path):
+    setup = SetUp("adamw", "optim", "adamw")
+    config = SweepConfig("tiny", TINY.run, lr_grid=(1e-3, 1e-2, 1e6), seeds=(0, 1), eval_batches=2, workers=1,
+                         max_extensions=0)
+    log: list[str] = []
+    (row,) = run_sweep([setup], config, cache=tmp_path, log=log.append, workload_factory=fixture_workload)
+    diverged = row.grid[1e6]
+    assert diverged["diverged_at_step"] >= 1 and diverged["selection_loss"] is None
+    assert row.chosen_lr in (1e-3, 1e-2) and math.isfinite(row.grid[row.chosen_lr]["selection_loss"])
+    assert any("adamw lr 1e+06 seed 0: diverged (non-finite loss at step" in line for line in log)
+    assert "diverged" in format_sweep([row])
+    again: list[str] = []
+    run_sweep([setup], config, cache=tmp_path, log=again.append, workload_factory=fixture_workload)
+    assert any("lr 1e+06 seed 0: cached, diverged" in line for line in again)
+    # a seed that diverges at the chosen lr counts as an infinite loss, not a crash
+    row.seeds[1] = dict(row.seeds[1], report_loss=None)
+    assert row.report_losses()[1] == math.inf
+    assert compare(row_with({1e-3: 1.0}, {0: 1.0, 1: 1.0}), row)["gap_stderr"] >= 0
+
+
 def test_a_run_is_deterministic_and_its_cache_key_tracks_what_changes_it():
     setup = SetUp("adamw", "optim", "adamw")
     first = train_one(setup, 1e-2, 0, TINY, workload_factory=fixture_workload)

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import LossDiverged, RankwiseError
 
 MB = 1024 * 1024
 IGNORE_INDEX = -100
@@ -485,9 +485,9 @@ def train(
                         total = loss if regularizer is None else loss + regularizer
                 total_value = float(total.detach())
                 if not math.isfinite(total_value):
-                    raise RankwiseError(
+                    raise LossDiverged(
                         f"the loss became {total_value} at step {step}; lower the learning rate, "
-                        "enable gradient clipping (max_grad_norm) or check the data"
+                        "enable gradient clipping (max_grad_norm) or check the data", step
                     )
                 if tracker:
                     tracker.sample()

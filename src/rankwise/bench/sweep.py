@@ -49,7 +49,7 @@ import torch
 
 from rankwise.bench.runner import RunConfig, Workload, run_setup
 from rankwise.bench.setup import SetUp
-from rankwise.errors import RankwiseError
+from rankwise.errors import LossDiverged, RankwiseError
 
 #: the run fields kept in the cache and the report (the histories are kept for the curves)
 RUN_FIELDS = ("trainable_params", "optimizer_state_mb", "peak_memory_mb", "ms_per_step", "init_seconds",
@@ -95,7 +95,8 @@ class SweepRow:
         return self.chosen_lr in (lrs[0], lrs[-1])
 
     def report_losses(self) -> list[float]:
-        return [self.seeds[s]["report_loss"] for s in sorted(self.seeds)]
+        """The report loss of every seed (inf for a seed that diverged)."""
+        return [_finite(self.seeds[s]["report_loss"]) for s in sorted(self.seeds)]
 
     def summary(self, published: dict[str, float] | None = None) -> dict[str, Any]:
         """The row of the final table (figures of the seed-0 run, time and perplexity over the seeds)."""
@@ -211,14 +212,18 @@ def train_one(setup: SetUp, lr: float, seed: int, config: SweepConfig, workload_
     torch.set_num_threads(1)
     load_before = _load_average()
     started = time.perf_counter()
+    diverged_at = None
     try:
         row, model = run_setup(replace(setup, lr=lr), workload, replace(config.run, seed=seed))
         report_loss = evaluate(model, report) if model is not None else None
+    except LossDiverged as exc:  # an lr too high for this set-up: a result of the sweep, not an error
+        row, report_loss, diverged_at = {"history": []}, None, exc.step
     finally:
         torch.set_num_threads(threads)
     result = {name: row.get(name) for name in RUN_FIELDS}
     result.update(selection_loss=row.get("final_val_loss"), report_loss=report_loss, lr=lr, seed=seed,
-                  seconds=time.perf_counter() - started, load_average=[load_before, _load_average()])
+                  diverged_at_step=diverged_at, seconds=time.perf_counter() - started,
+                  load_average=[load_before, _load_average()])
     return result
 
 
@@ -238,7 +243,9 @@ def _run_all(jobs: list[tuple[SetUp, float, int]], config: SweepConfig, cache: P
         path = _cache_path(cache, run_key(setup, lr, seed, config))
         if path is not None and path.is_file():
             results[index] = json.loads(path.read_text())
-            log(f"  {setup.name} lr {lr:g} seed {seed}: cached, selection loss {results[index]['selection_loss']:.4f}")
+            loss = results[index]["selection_loss"]
+            log(f"  {setup.name} lr {lr:g} seed {seed}: cached, "
+                + ("diverged" if loss is None else f"selection loss {loss:.4f}"))
         else:
             pending.append(index)
 
@@ -251,6 +258,10 @@ def _run_all(jobs: list[tuple[SetUp, float, int]], config: SweepConfig, cache: P
             staging = path.with_suffix(".tmp")
             staging.write_text(json.dumps(result))
             os.replace(staging, path)
+        if result.get("diverged_at_step") is not None:
+            log(f"  {setup.name} lr {lr:g} seed {seed}: diverged (non-finite loss at step "
+                f"{result['diverged_at_step']}), {result['seconds']:.0f} s")
+            return
         log(f"  {setup.name} lr {lr:g} seed {seed}: selection loss {result['selection_loss']:.4f}, "
             f"{result['ms_per_step']:.0f} ms/step at load {result['load_average'][0]}, {result['seconds']:.0f} s")
 
@@ -310,12 +321,16 @@ def compare(better: SweepRow, worse: SweepRow) -> dict[str, Any]:
 
     ``verdict``: "holds" when every seed's difference ``loss(worse) - loss(better)`` is positive and
     the mean difference exceeds twice its standard error; "reversed" for the mirror case; else
-    "within noise" (always, with a single seed).
+    "within noise" (always, with a single seed). A seed that diverged counts as an infinite loss.
     """
     seeds = sorted(set(better.seeds) & set(worse.seeds))
-    gaps = [worse.seeds[s]["report_loss"] - better.seeds[s]["report_loss"] for s in seeds]
-    mean = statistics.fmean(gaps)
-    error = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.inf
+    gaps = [_finite(worse.seeds[s]["report_loss"]) - _finite(better.seeds[s]["report_loss"]) for s in seeds]
+    if all(math.isfinite(g) for g in gaps):
+        mean = statistics.fmean(gaps)
+        error = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.inf
+    else:  # a seed diverged (infinite loss): only the signs carry information
+        mean = math.inf if all(g > 0 for g in gaps) else -math.inf if all(g < 0 for g in gaps) else math.nan
+        error = 0.0
     if all(g > 0 for g in gaps) and mean > 2 * error:
         verdict = "holds"
     elif all(g < 0 for g in gaps) and -mean > 2 * error:
@@ -335,9 +350,11 @@ def format_sweep(rows: Sequence[SweepRow]) -> str:
     for row in rows:
         cells = [row.setup.name]
         for lr in lrs:
-            loss = row.grid.get(lr, {}).get("selection_loss")
+            run = row.grid.get(lr, {})
+            loss = run.get("selection_loss")
             mark = "*" if lr == row.chosen_lr else " "
-            cells.append("-" if loss is None else f"{loss:.4f}{mark}")
+            cells.append("diverged " if run.get("diverged_at_step") is not None else
+                         "-" if loss is None else f"{loss:.4f}{mark}")
         cells.append(f"{row.chosen_lr:g}" + (" (edge)" if row.at_edge else ""))
         body.append(cells)
     return _table(header, body)
