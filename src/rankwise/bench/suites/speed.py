@@ -427,31 +427,44 @@ def _print(result: dict[str, Any]) -> None:
               f"  {r['vs_peft']:.3f}x  load {r['load_average']:.1f}")
 
 
-def measure(widths: dict[int, int] = WIDTHS, **sizes: Any) -> dict[str, Any]:
-    """Every section (module docstring); ``sizes`` shrink them (the tests' tiny run)."""
+def sections(widths: dict[int, int] = WIDTHS, **sizes: Any):
+    """``(section, rows)`` for every section in turn (module docstring); ``sizes`` shrink them."""
     import torch
 
     steps = []
     for index, (width, ffn) in enumerate(widths.items()):
         names = tuple(OPTIMIZERS) if index == 0 else LARGE_WIDTH_OPTIMIZERS
         steps += optimizer_steps(width, ffn, names, **sizes.get("steps", {}))
+        yield "optimizer_steps", list(steps)
     if torch.cuda.is_available():
         steps += optimizer_steps(4096, 11008, LARGE_WIDTH_OPTIMIZERS, device="cuda")
+        yield "optimizer_steps", list(steps)
     first_width, first_ffn = next(iter(widths.items()))
-    return {
-        "optimizer_steps": steps,
-        "refresh_modes": refresh_modes(first_width, first_ffn, **sizes.get("refresh", {})),
-        "adapter_init": adapter_init(sizes.get("model"), **sizes.get("init", {})),
-        "lora_steps": lora_steps(sizes.get("model"), **sizes.get("lora", {})),
-        "torch_threads": torch.get_num_threads(),
-    }
+    yield "refresh_modes", refresh_modes(first_width, first_ffn, **sizes.get("refresh", {}))
+    yield "adapter_init", adapter_init(sizes.get("model"), **sizes.get("init", {}))
+    yield "lora_steps", lora_steps(sizes.get("model"), **sizes.get("lora", {}))
+
+
+def measure(widths: dict[int, int] = WIDTHS, **sizes: Any) -> dict[str, Any]:
+    """Every section (module docstring); ``sizes`` shrink them (the tests' tiny run)."""
+    import torch
+
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    result.update(sections(widths, **sizes))
+    return result
 
 
 def run(context) -> list[Path]:
-    """Measure every section and write ``speed.json`` (module docstring)."""
-    result = measure()
-    _print(result)
+    """Measure every section and write ``speed.json`` (module docstring), rewritten and printed
+    after each section so a long run shows its results as they come."""
+    import torch
+
     context.out.mkdir(parents=True, exist_ok=True)
     path = context.out / "speed.json"
-    path.write_text(json.dumps(result, indent=2))
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "optimizer_steps": [], "refresh_modes": [],
+                              "adapter_init": [], "lora_steps": []}
+    for section, rows in sections():
+        result[section] = rows
+        path.write_text(json.dumps(result, indent=2))
+        _print({**result, **{k: [] for k in result if k not in (section, "torch_threads")}})
     return [path]
