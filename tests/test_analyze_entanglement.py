@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rankwise.analyze import attention_entanglement, attention_matrix, entanglement_profile, fit_entanglement_law
-from rankwise.analyze.entanglement import prime_factors
+from rankwise.linalg.shapes import prime_factors
 from rankwise.analyze.tensor_network import contract, operator_matrix
 from rankwise.errors import RankwiseError
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
-from rankwise.adapters.random_basis_family import RandomBasisLayer, layer_key, seeded_generator, shared_factory
+from rankwise.adapters.random_basis_family import GeneratedLoraLayer, layer_key, seeded_generator, shared_factory
 from rankwise.layers import features
 from rankwise.options import Option
 
@@ -70,7 +70,7 @@ def spread_choice(count: int, pool: int, generator: torch.Generator) -> torch.Te
     arxiv="2410.00938",
     supports=LINEAR_LIKE,
 )
-class MosLayer(RandomBasisLayer):
+class MosLayer(GeneratedLoraLayer):
     """``base(x) + s B A x`` with ``A``'s rows and ``B``'s columns concatenated from shared and private shards."""
 
     OPTIONS = {
@@ -161,16 +161,3 @@ class MosLayer(RandomBasisLayer):
         down = shards_a.reshape(self.rank, -1)[:, : self.in_features]
         up = shards_b.reshape(self.rank, -1)[:, : self.out_features].T
         return up, down
-
-    def delta_weight(self) -> torch.Tensor:
-        up, down = self.factors()
-        return self.scaling * (up @ down)
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.factors()
-        return self.project_out(self.project_in(x, down), up) * self.scaling
-
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s B, A)`` in fp32: the update is exactly rank-r factored."""
-        up, down = (factor.detach().float() for factor in self.factors())
-        return self.scaling * up, down

@@ -53,23 +53,11 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE, AdapterLayer
+from rankwise.linalg.shapes import prime_factors
 from rankwise.options import Option
 
 LAYOUTS = ("interleaved", "rows_then_columns")
 MAX_AUTO_SITES = 4
-
-
-def prime_factors(n: int) -> list[int]:
-    """The prime factors of ``n >= 1`` with multiplicity, ascending."""
-    factors, p = [], 2
-    while p * p <= n:
-        while n % p == 0:
-            factors.append(p)
-            n //= p
-        p += 1
-    if n > 1:
-        factors.append(n)
-    return factors
 
 
 def balanced_factors(n: int, count: int) -> tuple[int, ...]:

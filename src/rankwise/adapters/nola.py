@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
-from rankwise.adapters.random_basis_family import RandomBasisLayer, layer_key, placed, seeded_generator, shared_factory
+from rankwise.adapters.random_basis_family import GeneratedLoraLayer, layer_key, placed, seeded_generator, shared_factory
 from rankwise.layers import features
 from rankwise.options import Option
 
@@ -50,7 +50,7 @@ def scaled_uniform(shape: tuple[int, ...], count: int, generator: torch.Generato
     arxiv="2310.02556",
     supports=LINEAR_LIKE,
 )
-class NolaLayer(RandomBasisLayer):
+class NolaLayer(GeneratedLoraLayer):
     """``base(x) + s (sum_j beta_j B_j)(A_0 + sum_i alpha_i A_i) x`` with only ``alpha``, ``beta`` trained."""
 
     OPTIONS = {
@@ -93,16 +93,3 @@ class NolaLayer(RandomBasisLayer):
         down = self.A_0 + torch.einsum("k,kri->ri", self.coefficients_A, self.bases_A)
         up = torch.einsum("l,lor->or", self.coefficients_B, self.bases_B)
         return up, down
-
-    def delta_weight(self) -> torch.Tensor:
-        up, down = self.factors()
-        return self.scaling * (up @ down)
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.factors()
-        return self.project_out(self.project_in(x, down), up) * self.scaling
-
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s B, A)`` in fp32: the update is exactly rank-r factored."""
-        up, down = (factor.detach().float() for factor in self.factors())
-        return self.scaling * up, down

@@ -97,3 +97,26 @@ class RandomBasisLayer(AdapterLayer):
 
     def own_key(self, tensor: str) -> str:
         return layer_key(self.name, tensor)
+
+
+class GeneratedLoraLayer(RandomBasisLayer):
+    """A random-basis adapter whose update is a LoRA pair generated from its trainable values:
+    ``delta W = s B A`` with ``(B, A) = factors()`` (NOLA's basis mixtures, MoS's shards,
+    Uni-LoRA's rows of ``P theta_d``), applied as ``s B (A x)`` without forming ``delta W``."""
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` (``out x r``, ``r x in``) built from the trainable values."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        up, down = self.factors()
+        return self.scaling * (up @ down)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.factors()
+        return self.project_out(self.project_in(x, down), up) * self.scaling
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s B, A)`` in fp32: the update is exactly rank-r factored."""
+        up, down = (factor.detach().float() for factor in self.factors())
+        return self.scaling * up, down

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE, PeftNative
-from rankwise.adapters.random_basis_family import RandomBasisLayer, layer_key, placed, seeded_generator, shared_factory
+from rankwise.adapters.random_basis_family import GeneratedLoraLayer, layer_key, placed, seeded_generator, shared_factory
 from rankwise.layers import features
 from rankwise.options import Option
 
@@ -60,7 +60,7 @@ def balanced_assignment(rows: int, columns: int, generator: torch.Generator) -> 
     arxiv="2506.00799",
     supports=LINEAR_LIKE,
 )
-class UniLoraLayer(RandomBasisLayer):
+class UniLoraLayer(GeneratedLoraLayer):
     """``base(x) + s B A x`` with ``A``, ``B`` gathered from the one global trainable ``theta_d``."""
 
     OPTIONS = {
@@ -103,14 +103,6 @@ class UniLoraLayer(RandomBasisLayer):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)``: this layer's rows of ``P theta_d``."""
         return self.theta_d[self.index_B] * self.scale_B, self.theta_d[self.index_A] * self.scale_A
-
-    def delta_weight(self) -> torch.Tensor:
-        up, down = self.factors()
-        return self.scaling * (up @ down)
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.factors()
-        return self.project_out(self.project_in(x, down), up) * self.scaling
 
     def peft_native(self) -> PeftNative:
         return PeftNative(

@@ -63,22 +63,10 @@ import torch
 from rankwise.analyze.spectrum import MatrixLike, as_matrix
 from rankwise.analyze.tensor_network import as_site_cores, dense_schmidt_values, mps_schmidt_values
 from rankwise.errors import RankwiseError
+from rankwise.linalg.shapes import prime_factors
 
 LAYOUTS = ("rows_then_columns", "interleaved")
 LAWS = ("volume", "area", "log")
-
-
-def prime_factors(n: int) -> tuple[int, ...]:
-    """The prime factors of ``n >= 1``, ascending, with multiplicity (``()`` for 1)."""
-    factors, p = [], 2
-    while p * p <= n:
-        while n % p == 0:
-            factors.append(p)
-            n //= p
-        p += 1
-    if n > 1:
-        factors.append(n)
-    return tuple(factors)
 
 
 def _factors(given: Sequence[int] | None, dim: int, what: str) -> tuple[int, ...]:
