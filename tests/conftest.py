@@ -141,3 +141,13 @@ def make_gpt2(seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: in
 def gpt2():
     """A freshly initialised 2-layer GPT-2 (vocab 128, width 32, Conv1D layers), in eval mode."""
     return make_gpt2()
+
+
+def randomise_trainable(module: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
+    """Overwrite every trainable tensor of ``module`` with ``scale`` x seeded Gaussian noise (an
+    adapter moved off its init, so merge / export tests see a non-trivial update)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=generator))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from conftest import make_llama
+from conftest import randomise_trainable as randomise
 from rankwise.adapters import adapt, adapter_layers, export_peft, load_adapter, save_adapter
 from rankwise.errors import RankwiseError
 
@@ -22,14 +23,6 @@ ATOL = 1e-5
 def linear_model(n_in: int = 16, n_out: int = 12, bias: bool = True, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(n_in, n_out, bias=bias))
-
-
-def randomise(layer: nn.Module, seed: int = 1, scale: float = 0.3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=generator))
 
 
 # ----- S2FT ------------------------------------------------------------------------------------
