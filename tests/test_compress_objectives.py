@@ -255,3 +255,72 @@ def test_sensitivity_refuses_a_ratio_its_grid_cannot_meet():
     with pytest.raises(RankwiseError, match="smallest candidate ranks"):
         compress(nn.Sequential(nn.Linear(32, 32)), "svd", ratio=0.05, data=[torch.randn(4, 32)],
                  allocation="sensitivity", loss_fn=lambda m, x: m(x).square().mean())
+
+
+# ----- SVD-LLM v2's heterogeneous allocation --------------------------------------------------------
+
+
+def _layers_with_spectra(spectra: list[torch.Tensor], out_features: int = 48, in_features: int = 32) -> nn.Module:
+    """``layers.<i>.proj`` with the given singular values (float64), so the allocation sees one type group."""
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    for index, spectrum in enumerate(spectra):
+        gen = torch.Generator().manual_seed(index)
+        left, _ = torch.linalg.qr(torch.randn(out_features, in_features, generator=gen, dtype=torch.float64))
+        right, _ = torch.linalg.qr(torch.randn(in_features, in_features, generator=gen, dtype=torch.float64))
+        block = nn.Module()
+        block.proj = nn.Linear(in_features, out_features, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            block.proj.weight.copy_(left @ torch.diag(spectrum) @ right.T)
+        model.layers.append(block)
+    return model
+
+
+def test_svd_llm_v2_shares_a_groups_compression_by_one_over_log_truncation_loss():
+    """Known answer: with plain SVD the truncation loss at the uniform rank is the root of the discarded
+    squared singular values, and each layer's rank follows R_l = |G| (1 - ratio) (1/log L_l) / sum 1/log L_j."""
+    from rankwise.compress.allocation import layer_type
+
+    decay = torch.linspace(1, 0.05, 32, dtype=torch.float64)
+    spectra = [40 * decay ** 3, 40 * decay, 40 * decay ** 0.3]  # fast, medium, slow decay: cheap to costly
+    model = _layers_with_spectra(spectra)
+    ratio = 0.5
+    break_even = 48 * 32 / (48 + 32)
+    uniform = math.floor(ratio * break_even)
+    losses = [float(s[uniform:].square().sum().sqrt()) for s in spectra]
+    weights = [1 / math.log(loss) for loss in losses]
+    expected = [max(1, math.floor((1 - 3 * (1 - ratio) * w / sum(weights)) * break_even)) for w in weights]
+    plan = plan_ranks(model, ratio, method="svd", allocation="svd_llm_v2", keep_dense_above=None)
+    assert layer_type("layers.2.proj") == "layers.*.proj"
+    assert [plan.ranks[f"layers.{i}.proj"] for i in range(3)] == expected
+    for i, loss in enumerate(losses):
+        assert plan.info["truncation_loss"][f"layers.{i}.proj"] == pytest.approx(loss, rel=1e-9)
+    assert expected[0] < uniform < expected[2]  # the layer that truncates cheaply is compressed most
+    assert plan.realised_ratio <= ratio and plan.info["uniform_groups"] == []
+
+
+def test_svd_llm_v2_keeps_a_group_uniform_where_its_rule_is_undefined():
+    decay = torch.linspace(1, 0.05, 32, dtype=torch.float64)
+    model = _layers_with_spectra([0.01 * decay, 0.02 * decay])  # truncation losses < 1: log L < 0
+    plan = plan_ranks(model, 0.5, method="svd", allocation="svd_llm_v2", keep_dense_above=None)
+    assert set(plan.ranks.values()) == {math.floor(0.5 * 48 * 32 / 80)}
+    assert plan.info["uniform_groups"] == ["layers.*.proj"]
+
+
+def test_svd_llm_v2_loss_is_the_whitened_tail_on_real_activations(minilm_once, real_batches):
+    """With SVD-LLM the theoretical truncation loss is sqrt(sum_{i>k} sigma_i^2) of W S, S S^T = C (the paper's
+    L_min), computed here independently from the layer's Gram matrix; the ranks of a type group differ."""
+    model = copy.deepcopy(minilm_once)
+    targets = [f"encoder.layer.{i}.intermediate.dense" for i in range(6)]
+    plan = plan_ranks(model, 0.5, targets, method="svd_llm", data=real_batches, allocation="svd_llm_v2",
+                      keep_dense_above=None, whitening="eigen")
+    gram = collect(model, [LAYER], real_batches, ("input_covariance",))[LAYER].input_covariance.gram.double()
+    weight = model.get_submodule(LAYER).weight.detach().double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    root = eigenvectors @ torch.diag(eigenvalues.clamp_min(0).sqrt())
+    singular = torch.linalg.svdvals(weight @ root)
+    uniform = math.floor(0.5 * 1536 * 384 / (1536 + 384))
+    assert plan.info["truncation_loss"][LAYER] == pytest.approx(float(singular[uniform:].square().sum().sqrt()),
+                                                                rel=1e-6)
+    assert len({plan.ranks[name] for name in targets}) > 1
+    assert plan.realised_ratio <= 0.5 + (1536 + 384) / (1536 * 384) * len(targets)

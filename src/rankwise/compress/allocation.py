@@ -30,11 +30,32 @@ budget is ``ratio * sum_l m_l n_l`` stored weights.
   Lagrangian ``min sum_l dL_l + lambda c_l``, ``lambda`` found by bisection (the smallest that
   meets the budget). It assumes the layers' losses add up, and costs
   ``layers x |grid| x batches`` forward passes.
+- ``"svd_llm_v2"``: SVD-LLM v2's heterogeneous ratio allocation (Wang et al., "SVD-LLM V2:
+  Optimizing Singular Value Truncation for Large Language Model Compression", arXiv
+  2503.12340, Algorithm 1). The layers are grouped by type (the module name with its layer
+  indices replaced: every ``layers.*.self_attn.q_proj`` is one group); for each layer the
+  *theoretical truncation loss* ``L_l`` of the method's own factorisation at the uniform rank
+  is measured -- the output error ``||(W - W') S||_F = sqrt(tr((W - W') C (W - W')^T))`` on
+  the calibration inputs (``C = S S^T``; for SVD-LLM exactly ``sqrt(sum_{i>k} sigma_i^2)`` of
+  ``W S``), or the weight error ``||W - W'||_F`` for a data-free method -- and the group's
+  compression ratio ``1 - ratio`` is shared as
+
+      R_l = |G| (1 - ratio) (1 / log L_l) / sum_{j in G} (1 / log L_j),
+      k_l = max(1, floor((1 - R_l) m n / (m + n))),
+
+  so a layer that loses little when truncated is compressed more; the group's mean
+  compression is the uniform one (same shapes: the same stored weights). The rule needs
+  ``L > 1`` (``log L > 0``) and is not invariant to the units of ``L``, as published; a group
+  with a loss ``<= 1`` (or one layer) keeps the uniform ratio and is listed in
+  ``allocation_info["uniform_groups"]``. The v2 code is unreleased (AIoT-MLSys-Lab/SVD-LLM lists
+  it as to-do): this follows the paper's Algorithm 1; ``R_l`` is clipped so every layer keeps
+  at least rank 1.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -260,8 +281,52 @@ def sensitivity(context: AllocationContext) -> Allocation:
     )
 
 
+# ----- SVD-LLM v2 ------------------------------------------------------------------------------
+
+
+def layer_type(name: str) -> str:
+    """The module name with its layer indices replaced by ``*`` (``model.layers.*.mlp.up_proj``)."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name)
+
+
+def truncation_loss(context: AllocationContext, spec: LayerSpec, rank: int) -> float:
+    """``L_l``: the output error of the method's rank-``rank`` factorisation on the calibration
+    inputs, ``sqrt(tr(E C E^T))`` with ``E = W - up down``, or ``||E||_F`` without input statistics."""
+    layer = context.model.get_submodule(spec.name)
+    stats = context.stats.get(spec.name)
+    up, down = context.compressor.factorize(spec.name, layer, rank, stats)
+    error = dense_weight(layer).to(torch.float64) - up.to(torch.float64) @ down.to(torch.float64)
+    covariance = None if stats is None else stats.input_covariance
+    if covariance is None or covariance.count == 0:
+        return float(torch.linalg.matrix_norm(error))
+    gram = covariance.gram.to(device=error.device, dtype=torch.float64)
+    return float(torch.einsum("oi,ij,oj->", error, gram, error).clamp_min(0.0).sqrt())
+
+
+def svd_llm_v2(context: AllocationContext) -> Allocation:
+    uniform(context)  # the same refusal of a ratio below rank 1
+    compression = 1.0 - context.ratio
+    groups: dict[tuple, list[LayerSpec]] = {}
+    for spec in context.specs:
+        groups.setdefault((layer_type(spec.name), spec.out_features, spec.in_features), []).append(spec)
+    ranks, losses, uniform_groups = {}, {}, []
+    for (kind, _, _), members in groups.items():
+        group_losses = [truncation_loss(context, spec, uniform_rank(spec, context.ratio)) for spec in members]
+        losses.update({spec.name: loss for spec, loss in zip(members, group_losses)})
+        if len(members) < 2 or min(group_losses) <= 1.0:
+            uniform_groups.append(kind)
+            ranks.update({spec.name: uniform_rank(spec, context.ratio) for spec in members})
+            continue
+        weights = [1.0 / math.log(loss) for loss in group_losses]
+        for spec, weight in zip(members, weights):
+            share = len(members) * compression * weight / sum(weights)
+            ranks[spec.name] = max(1, min(spec.full_rank, math.floor((1.0 - share) * spec.break_even)))
+    return Allocation(ranks, {"truncation_loss": losses, "uniform_groups": uniform_groups})
+
+
 ALLOCATIONS: dict[str, Callable[[AllocationContext], Allocation]] = {
     "uniform": uniform,
     "welore": welore,
     "sensitivity": sensitivity,
+    "svd_llm_v2": svd_llm_v2,
 }

@@ -18,7 +18,8 @@ reported per layer and in total (``model.rankwise_compression``, :meth:`Compress
 ``"uniform"`` (above), ``"welore"`` (one global threshold on min-max normalised singular
 values, searched to meet the ratio: non-uniform ranks, untouched N-LRC layers) or
 ``"sensitivity"`` (each layer's measured loss increase at candidate ranks, a Lagrangian
-search to meet the ratio). ``allocation=None`` takes the method's default.
+search to meet the ratio) or ``"svd_llm_v2"`` (SVD-LLM v2: each same-type group's compression
+shared in proportion to ``1 / log`` of every layer's truncation loss). ``allocation=None`` takes the method's default.
 
 **Speed is part of the storage rule** (:mod:`rankwise.compress.plan`): a layer whose kept rank
 is at or above ``keep_dense_above * m n / (m + n)`` (the measured break-even factor of

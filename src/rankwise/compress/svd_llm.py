@@ -31,9 +31,9 @@ already-updated earlier layers; here all factorised layers are refitted from one
 through the compressed, not yet refitted model (the same fit, one pass instead of one per
 layer). The release adds an absolute ``1e-6`` to a non-positive-definite ``C``; here the
 jitter is relative to C's mean diagonal. SVD-LLM v2's other refinement, the heterogeneous
-per-type ratio allocation from each matrix's theoretical truncation loss, is not
-implemented (its code is unreleased); ``allocation="sensitivity"`` or ``"welore"`` give
-non-uniform ranks. Ratio: the release's ``--ratio`` is also the fraction of parameters KEPT
+per-type ratio allocation from each matrix's theoretical truncation loss, is
+``allocation="svd_llm_v2"`` (:mod:`rankwise.compress.allocation`; any method can use it, and
+SVD-LLM v2 as published is ``whitening="eigen", allocation="svd_llm_v2"``). Ratio: the release's ``--ratio`` is also the fraction of parameters KEPT
 (its help text says otherwise, issues 16 and 22 of AIoT-MLSys-Lab/SVD-LLM).
 Defaults of the release: 256 whitening samples of 2048 tokens (WikiText-2).
 """

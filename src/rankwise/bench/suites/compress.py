@@ -1,8 +1,9 @@
 """The ``compress`` suite: ratio against quality for every compression method, and the speed it buys.
 
-Its ``run`` hook compresses, with every registered method (and two variants: SVD-LLM v2's
-eigen truncation with the closed-form refit, and SVD-LLM with the measured-sensitivity
-allocation), at ratios 0.9, 0.7 and 0.5:
+Its ``run`` hook compresses, with every registered method (and three variants of SVD-LLM: with
+its closed-form refit of ``up``; SVD-LLM v2 as published, eigen truncation with the
+heterogeneous ``svd_llm_v2`` allocation; with the measured-sensitivity allocation), at ratios
+0.9, 0.7 and 0.5:
 
 - the cached base LLaMA (perplexity on the held-out part of the code split it was pretrained
   on; calibration on its training part);
@@ -65,7 +66,8 @@ def variants() -> list[Variant]:
     from rankwise.compress import COMPRESSORS
 
     return [Variant(name, name) for name in COMPRESSORS.names()] + [
-        Variant("svd_llm v2 (eigen + refit)", "svd_llm", {"whitening": "eigen", "refit": True}),
+        Variant("svd_llm + refit", "svd_llm", {"refit": True}),
+        Variant("svd_llm v2 (eigen + heterogeneous)", "svd_llm", {"whitening": "eigen"}, allocation="svd_llm_v2"),
         Variant("svd_llm + sensitivity", "svd_llm", allocation="sensitivity", causal_only=True),
     ]
 
