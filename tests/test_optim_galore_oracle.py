@@ -28,6 +28,8 @@ def test_matches_galore_torch(proj_type):
     initial = make_llama()
     moved = 0.0
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # bitwise equal on CPU here
+        # the same arithmetic up to float32 rounding: rankwise accumulates the back-projection into W with one
+        # addmm_, galore-torch materialises it first; 9 Adam steps amplify the rounding to ~3e-6 at most
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
         moved = max(moved, (a - initial.get_parameter(name)).abs().max().item())
     assert moved > 1e-2  # the comparison is between trained weights, not two initialisations

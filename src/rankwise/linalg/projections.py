@@ -94,6 +94,25 @@ class Basis:
             low = low @ self.right.T
         return low
 
+    def add_back_(self, target: torch.Tensor, low: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``target += alpha L low R^T`` in place; returns ``target``.
+
+        The last product is accumulated into ``target`` by one ``addmm_`` instead of
+        materialising the ``m x n`` update (one full-size temporary and two passes over it
+        less per step); mixed dtypes take the unfused path.
+        """
+        if self.left is not None and self.right is not None:
+            first, second = self.left @ low, self.right.T
+        elif self.left is not None:
+            first, second = self.left, low
+        elif self.right is not None:
+            first, second = low, self.right.T
+        else:
+            return target.add_(low, alpha=alpha)
+        if target.dim() != 2 or not first.dtype == second.dtype == target.dtype:
+            return target.add_(first @ second, alpha=alpha)
+        return target.addmm_(first, second, alpha=alpha)
+
     def transition(self, new: "Basis") -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(C_L, C_R)`` with ``low_new = C_L low_old C_R`` (``None`` for a missing side)."""
         if (self.left is None) != (new.left is None) or (self.right is None) != (new.right is None):

@@ -11,8 +11,8 @@ One step of a projected parameter ``W`` (``m x n``) with gradient ``G`` (the sea
     basis  = projector.basis(state, X)                            # L (m x r) and/or R (n x r)
     low    = basis.project(G_X)                                   # L^T G R
     direction, step_size = inner.update(state, low, group)        # e.g. Adam: m / (sqrt(v) + eps)
-    update = update_rule.combine(LowRankStep(...))                # e.g. GaLore: scale * L direction R^T
-    X     -= step_size * update
+    X     -= step_size * update_rule.combine(LowRankStep(...))    # e.g. GaLore: scale * L direction R^T
+                                                                  # (update_rule.apply: GaLore fuses it, addmm_)
     write_back(W, X)                                              # hook: W from X (nothing when X is W)
     W     -= lr * weight_decay * W                                # decoupled decay, after the step
     after_update(W)                                               # hook: e.g. requantise W
@@ -39,7 +39,8 @@ Guarantees the base class gives every method
   Random projectors draw from :meth:`parameter_seed` (a deterministic per-parameter int)
   combined with ``state["step"]``, never from global RNG state.
 - A non-finite gradient skips that parameter's step (state untouched); the test is
-  ``isfinite(G.sum())`` (:func:`rankwise.optim.numerics.gradient_is_finite`). An SVD that
+  ``isfinite(G.sum())`` (:func:`rankwise.optim.numerics.gradient_is_finite`), between refreshes
+  on the projection ``L^T G R`` instead (which a non-finite ``G`` makes non-finite). An SVD that
   fails keeps the previous subspace (or skips the step when there is none yet). Each kind of
   trouble is reported once per optimizer with ``warnings.warn``.
 - ``refresh_seconds``: cumulative wall time spent in subspace refreshes (CUDA-synchronised).
@@ -346,10 +347,11 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         the prepared gradient, the subspace (refreshed when due) and ``L^T G R``. None = skipped."""
         if grad.is_sparse:
             raise RankwiseError(f"{type(self).__name__} does not support sparse gradients ({self.param_name(param)})")
-        if not gradient_is_finite(grad):
+        state = self.state[param]
+        check_projection = self._projection_reveals_nonfinite(state, group)
+        if not check_projection and not gradient_is_finite(grad):
             self.warn_once("nonfinite", NONFINITE_MESSAGE)
             return None
-        state = self.state[param]
         state.setdefault("step", 0)
         if "rank" not in group:
             state["step"] += 1
@@ -360,15 +362,27 @@ class LowRankAdamW(OptimizerMethod, Optimizer):
         if basis is None:
             return None
         low_grad = basis.project(trained.grad)
+        if check_projection and not gradient_is_finite(low_grad):
+            self.warn_once("nonfinite", NONFINITE_MESSAGE)
+            return None
         state["step"] += 1
         return _Started(param, group, weight, grad, state, trained, basis, low_grad)
+
+    def _projection_reveals_nonfinite(self, state: Mapping[str, Any], group: Mapping[str, Any]) -> bool:
+        """Whether the non-finite check may look at ``L^T G R`` instead of ``G``: a NaN or inf
+        entry of ``G`` makes its whole row / column of the projection NaN or inf (IEEE: ``inf *
+        0 = NaN``), and the projection is ``r / m`` of ``G``'s size, so the check stops reading
+        every gradient once more. Only when nothing before the projection touches the state: a
+        projected group between refreshes, with the default ``prepare_gradient``."""
+        return ("rank" in group and "step" in state and not self.refresh_due(state, group)
+                and type(self).prepare_gradient is LowRankAdamW.prepare_gradient)
 
     def _apply(self, started: _Started, direction: torch.Tensor, step_size: float) -> None:
         """The update rule's full-size update applied to the trained tensor, then written back."""
         trained, group = started.trained, started.group
         step = LowRankStep(trained.tensor, trained.grad, started.low_grad, direction, step_size, started.basis,
                            started.state, group)
-        trained.tensor.add_(self.update_rule.combine(step), alpha=-step_size)
+        self.update_rule.apply(step, trained.tensor, -step_size)
         self.write_back(started.weight, trained, started.state, group)
 
     @staticmethod

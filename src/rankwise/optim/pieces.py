@@ -115,6 +115,11 @@ class UpdateRule(ABC):
     def combine(self, step: LowRankStep) -> torch.Tensor:
         """The full-size update of one step (applied as ``W -= step.step_size * update``)."""
 
+    def apply(self, step: LowRankStep, tensor: torch.Tensor, alpha: float) -> None:
+        """``tensor += alpha * combine(step)``, the optimizer's entry point; a rule whose update is
+        a product overrides it to accumulate the product into ``tensor`` directly."""
+        tensor.add_(self.combine(step), alpha=alpha)
+
 
 @dataclass
 class Reparametrised:

@@ -26,6 +26,9 @@ class DropResidual(UpdateRule):
     def combine(self, step: LowRankStep) -> torch.Tensor:
         return step.project_back(step.direction) * step.group["scale"]
 
+    def apply(self, step: LowRankStep, tensor: torch.Tensor, alpha: float) -> None:
+        step.basis.add_back_(tensor, step.direction, alpha * step.group["scale"])
+
 
 def add_error(grad: torch.Tensor, state: dict, group: Mapping[str, Any]) -> torch.Tensor:
     """``G + E`` with the stored error ``E`` taken out of ``state`` (``G`` when there is none).
@@ -43,11 +46,19 @@ class ErrorFeedback(DropResidual):
     ``state["error"]`` for the next step (which may already hold what a moment switch lost)."""
 
     def combine(self, step: LowRankStep) -> torch.Tensor:
+        self.record_error(step)
+        return super().combine(step)
+
+    def apply(self, step: LowRankStep, tensor: torch.Tensor, alpha: float) -> None:
+        self.record_error(step)
+        super().apply(step, tensor, alpha)
+
+    @staticmethod
+    def record_error(step: LowRankStep) -> None:
         if step.group["error_feedback"]:
             dropped = step.grad - step.project_back(step.low_grad)
             state = step.state
             state[ERROR_KEY] = state[ERROR_KEY].add_(dropped) if ERROR_KEY in state else dropped
-        return super().combine(step)
 
 
 def limit_norm_growth(update: torch.Tensor, state: dict, key: str) -> torch.Tensor:
