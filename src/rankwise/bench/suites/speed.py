@@ -5,7 +5,7 @@ all timings interleaved (one repetition of every contender in turn, medians over
 repetitions) with the load average recorded, and reports ratios:
 
 1. **Optimizer step** on a LLaMA of width 1024 (FFN 2752) and 2048 (FFN 5504), 2 layers,
-   vocabulary 4096, rank 128, refresh gap T = 200, fixed gradients from one real backward:
+   vocabulary 4096, rank 128, refresh gap T = 200, fixed gradients from one real backward (8 x 128 tokens):
    the steady ``step()`` (median of the timed steps), the refresh step (for rankwise a second,
    forced refresh, so ``warm`` starts from the first basis; the references always run a full
    SVD, timed at their first step) and the amortised step ``steady + (refresh - steady) / T``,
@@ -107,8 +107,11 @@ def llama(width: int, ffn: int, *, layers: int = LAYERS, vocab: int = VOCAB, dev
     return LlamaForCausalLM(config).to(device)
 
 
-def real_gradients(model, *, seed: int, batch: int = 2, seq: int = 64) -> dict[str, Any]:
-    """Gradients of the LM loss on random tokens (a real backward: a realistic spectrum)."""
+def real_gradients(model, *, seed: int, batch: int = 8, seq: int = 128) -> dict[str, Any]:
+    """Gradients of the LM loss on random tokens (a real backward: a realistic spectrum). A weight's
+    gradient has rank at most ``batch x seq``: 1024 tokens keep it well above the rank-128 subspace,
+    so the captured energy of a fast refresh is a real measurement (with 128 tokens any rank-128
+    basis of the gradient's range captures all of it)."""
     import torch
 
     model.zero_grad()
