@@ -1,9 +1,10 @@
-"""The fast path of the SVD-based adapter inits: batched SVDs over same-shape layers and
-randomized SVDs, with the residual error init_report states.
+"""The fast path of the decomposition-based adapter inits: batched SVDs over same-shape layers,
+randomized SVDs, and the leading-columns QR / LDU, with the residual error init_report states.
 
 Known answers on weights with a constructed spectrum: the exact init leaves exactly the tail
 ``sqrt(sum_{i>r} s_i^2) / ||W||_F`` in the base, the randomized one at most that plus the
-stated tolerance, and the batched init equals the layer-by-layer one.
+stated tolerance, and the batched init equals the layer-by-layer one. OLoRA's and LoLDU's
+first-``r`` factors equal those of the full QR / LU they replace.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from conftest import make_llama
 from rankwise import adapt, init_report
 from rankwise.adapters import adapter_layers
 from rankwise.adapters import rewrite
+from rankwise.linalg.decompositions import ldu, signed_qr
 
 BATCHED = ("pissa", "sorsa", "svfit")
 RANK = 4
@@ -88,3 +90,84 @@ def test_randomized_init_is_within_the_stated_error_of_the_exact_one(niter):
         assert exact[name] <= error + 1e-7
         assert error <= exact[name] * 1.001
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-4)
+
+
+# ----- OLoRA / LoLDU: the first r components without the full factorisation ----------------
+
+SHAPES = [(24, 40), (40, 24), (32, 32)]
+
+
+def full_signed_qr(weight):
+    """The previous path: the full Householder QR, signs fixed so that diag(R) >= 0."""
+    q, r = torch.linalg.qr(weight)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs, r * signs[:, None]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_leading_qr_equals_the_first_columns_of_the_full_qr(shape, dtype):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    q_full, r_full = full_signed_qr(weight)
+    for rank in (1, 5, min(shape)):
+        q, r = signed_qr(weight, rank)
+        assert q.dtype == r.dtype == dtype and q.shape == (shape[0], rank) and r.shape == (rank, shape[1])
+        atol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(q, q_full[:, :rank], atol=atol, rtol=0)
+        torch.testing.assert_close(r, r_full[:rank], atol=atol * 10, rtol=0)
+        assert torch.count_nonzero(torch.tril(r, diagonal=-1)) == 0  # exactly triangular
+
+
+def test_leading_qr_keeps_the_sign_convention_on_a_zero_column():
+    weight = torch.randn(20, 12, generator=torch.Generator().manual_seed(4))
+    weight[:, 1] = 0  # rank-deficient leading block: R[1, 1] = 0, its sign is taken as +1
+    q, r = signed_qr(weight, 4)
+    q_full, r_full = full_signed_qr(weight)
+    assert (torch.diagonal(r) >= 0).all()
+    torch.testing.assert_close(q @ r, q_full[:, :4] @ r_full[:4], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_leading_ldu_equals_the_first_components_of_the_full_lu(shape, dtype):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    permutation, lower, upper = torch.linalg.lu(weight)  # the previous path
+    pivots = torch.diagonal(upper)
+    for rank in (1, 5, min(shape)):
+        perm, low, d, unit_upper = ldu(weight, rank)
+        atol = 1e-4 if dtype == torch.float32 else 1e-11
+        torch.testing.assert_close(low[perm], (permutation @ lower)[:, :rank], atol=atol, rtol=0)
+        torch.testing.assert_close(d, pivots[:rank], atol=atol, rtol=0)
+        torch.testing.assert_close(unit_upper, (upper / pivots[:, None])[:rank], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["olora", "loldu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_leading_factor_inits_keep_the_output_and_report_the_residual(method, dtype):
+    """On every Linear of the LLaMA, in each weight dtype: the output at init is the base model's
+    and init_report's residual is ||W - offset|| / ||W|| of the full factorisation's first r components."""
+    model = spectral_llama().to(dtype)
+    original = {n: m.weight.detach().float().clone() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)}
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    adapt(model, method, rank=RANK, alpha=2 * RANK)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits.float()
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float64: 1e-4}[dtype]
+    torch.testing.assert_close(after, before, atol=tolerance, rtol=0)
+    report = init_report(model)["residual_error"]
+    assert set(report) == set(adapter_layers(model))
+    for name, error in report.items():
+        weight = original[name]
+        if method == "olora":
+            q, r = full_signed_qr(weight)
+            offset = 2.0 * q[:, :RANK] @ r[:RANK]
+        else:
+            permutation, lower, upper = torch.linalg.lu(weight)
+            offset = (permutation @ lower)[:, :RANK] @ upper[:RANK]
+        expected = ((weight - offset).norm() / weight.norm()).item()
+        # bf16 weights keep bf16 factors: their offset is rounded to 8 bits of mantissa
+        assert error == pytest.approx(expected, rel=1e-2 if dtype == torch.bfloat16 else 1e-4, abs=1e-6), name
