@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import make_batch, make_llama
 
 from rankwise import adapt, init_report
 from rankwise.adapters import adapter_layers
-from rankwise.adapters import rewrite
+from rankwise.adapters import corda, gradient_family, rewrite
 from rankwise.linalg.decompositions import ldu, signed_qr
 
 BATCHED = ("pissa", "sorsa", "svfit")
@@ -171,3 +171,89 @@ def test_leading_factor_inits_keep_the_output_and_report_the_residual(method, dt
         expected = ((weight - offset).norm() / weight.norm()).item()
         # bf16 weights keep bf16 factors: their offset is rounded to 8 bits of mantissa
         assert error == pytest.approx(expected, rel=1e-2 if dtype == torch.bfloat16 else 1e-4, abs=1e-6), name
+
+
+# ----- data-driven inits: batched context / gradient SVDs ------------------------------------
+
+#: (id, method, options): the inits whose per-layer SVDs run batched over same-shape layers
+DATA_BATCHED = [
+    ("corda-ipm", "corda", {"mode": "ipm"}),
+    ("corda-kpm", "corda", {"mode": "kpm"}),
+    ("lora_ga", "lora_ga", {}),
+    ("lora_sb", "lora_sb", {}),
+    ("lora_sb-rewrite", "lora_sb", {"start_from_update": False, "update": "sgd"}),
+]
+
+
+def calibration():
+    return [make_batch(seed=10 + i) for i in range(2)]
+
+
+@pytest.mark.parametrize("method, options", [row[1:] for row in DATA_BATCHED], ids=[row[0] for row in DATA_BATCHED])
+def test_batched_data_init_equals_layer_by_layer(method, options):
+    data = calibration()
+    batched = adapt(spectral_llama(), method, rank=RANK, data=data, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rewrite, "same_shape_chunks", lambda layers: iter(()))  # each layer its own decomposition
+        single = adapt(spectral_llama(), method, rank=RANK, data=data, **options)
+    for (name, a), b in zip(batched.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method, options, module, functions", [
+    ("corda", {"mode": "ipm"}, corda, ("truncated_svd",)),
+    ("corda", {"mode": "kpm"}, corda, ("svd",)),
+    ("lora_ga", {}, gradient_family, ("truncated_svd",)),
+])
+def test_data_inits_decompose_every_same_shape_layer_in_a_batch(method, options, module, functions):
+    model = spectral_llama()
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        for function in functions:
+            original = getattr(module, function)
+            patch.setattr(module, function,
+                          lambda m, *a, original=original, **k: calls.append(tuple(m.shape)) or original(m, *a, **k))
+        adapt(model, method, rank=RANK, data=calibration(), **options)
+    assert calls and all(len(shape) == 3 for shape in calls)  # every SVD was a batch
+    assert sum(shape[0] for shape in calls) == len(adapter_layers(model))
+
+
+@pytest.mark.parametrize("method, options", [row[1:] for row in DATA_BATCHED], ids=[row[0] for row in DATA_BATCHED])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_batched_data_init_keeps_the_output_in_every_weight_dtype(method, options, dtype):
+    model = spectral_llama().to(dtype)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    adapt(model, method, rank=RANK, data=calibration(), **options)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits.float()
+    if options.get("start_from_update", True) is False or method != "lora_sb":  # lora_sb starts from W + dW_1
+        torch.testing.assert_close(after, before, atol=0.1 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+    assert torch.isfinite(after).all()
+    layers = adapter_layers(model)
+    assert all(layer.base.weight.dtype == dtype for layer in layers.values())
+    if layers[next(iter(layers))].rewrites_base:
+        assert set(init_report(model)["residual_error"]) == set(layers)
+
+
+@pytest.mark.parametrize("method, options", [("corda", {"mode": "ipm"}),
+                                             ("lora_sb", {"start_from_update": False, "update": "sgd"})])
+@pytest.mark.parametrize("niter", [2, 4])
+def test_randomized_data_init_reports_a_residual_close_to_the_exact_one(method, options, niter):
+    """The randomized SVD (oversampling 10) of W C_d / the first update leaves within 0.1 % of the
+    exact init's residual error, and the output at init is still the base model's."""
+    data = calibration()
+    exact = init_report(adapt(spectral_llama(), method, rank=RANK, data=data, **options))["residual_error"]
+    torch.manual_seed(1)
+    model = spectral_llama()
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    adapt(model, method, rank=RANK, data=data, niter=niter, **options)
+    fast = init_report(model)["residual_error"]
+    assert set(fast) == set(exact)
+    for name, error in fast.items():
+        assert error == pytest.approx(exact[name], rel=1e-3), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-4)
