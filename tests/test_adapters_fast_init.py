@@ -257,3 +257,29 @@ def test_randomized_data_init_reports_a_residual_close_to_the_exact_one(method, 
         assert error == pytest.approx(exact[name], rel=1e-3), name
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [8, 200])  # a singular and a full-rank input covariance
+def test_corda_top_components_without_the_inverse_equal_the_cholesky_solve(shape, tokens):
+    """ipm's ``P_I = diag(S_I)^{-1} U_I^T W`` gives the components ``u_i p_i`` of the float64
+    ``V^T C_d^{-1}`` to fp32 rounding (the decomposition computes in fp32), at least as closely as
+    the Cholesky solve it replaces (which the inverse of a singular C's damped version amplifies)."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(*shape, generator=generator)
+    rows = torch.randn(tokens, shape[1], generator=generator)
+    covariance = rows.T @ rows / tokens
+    damped = covariance.double() + 0.01 * torch.diagonal(covariance.double()).mean() * torch.eye(shape[1])
+    u64, _, vh64 = torch.linalg.svd(weight.double() @ damped, full_matrices=False)
+    exact = u64[:, :RANK, None] * (vh64[:RANK] @ torch.linalg.inv(damped))[None]
+    u_all, _, p_all = corda.context_decomposition(weight, covariance, 0.01)
+    u, s, p = corda.context_decomposition(weight, covariance, 0.01, rank=RANK)
+    scale = exact.abs().max().item()
+    fast_error = ((u[:, :, None] * p[None]).double() - exact).abs().max().item() / scale
+    solve_error = ((u_all[:, :RANK, None] * p_all[None, :RANK]).double() - exact).abs().max().item() / scale
+    assert fast_error < 2e-5 and fast_error <= solve_error + 1e-6
+    batched = corda.context_decomposition(torch.stack([weight, 2 * weight]), torch.stack([covariance] * 2), 0.01,
+                                          rank=RANK)
+    torch.testing.assert_close(batched[1][0], s, atol=1e-5 * s[0].item(), rtol=0)
+    torch.testing.assert_close(batched[1][1], 2 * s, atol=1e-5 * s[0].item(), rtol=0)
+    torch.testing.assert_close(batched[2][1], p, atol=1e-5 * p.abs().max().item(), rtol=0)

@@ -37,10 +37,18 @@ The identity ``W = (W C_d) C_d^{-1}`` holds for any damping, so the init is exac
 way; damping only changes which directions are called principal. A layer whose inputs
 were all zero has no context and raises a RankwiseError.
 
+The top components need no inverse (an exact speed-up for ipm): ``U^T W C_d = diag(S) V^T``
+gives ``P_I = V_I^T C_d^{-1} = diag(S_I)^{-1} U_I^T W``, one ``r x out x in`` product instead of
+the Cholesky factorisation of ``C_d`` (O(in^3)) and its solve, and ``s B0 A0 = U_I U_I^T W``
+(a component with ``S_i = 0`` gets ``P_i = 0``: it contributes nothing either way). kpm's
+smallest components keep the Cholesky solve, where dividing by a tiny ``S_i`` would amplify
+rounding. The damped covariance of ipm is then checked by its mean diagonal (``C`` is a
+covariance, so ``C_d`` is positive definite exactly when that is positive).
+
 Option ``niter`` (ipm only): the top-r triplets of ``W C_d`` by a randomized SVD with that many
 power iterations (PiSSA's option) instead of the full thin SVD; kpm needs the smallest
 components, hence the full SVD. The decompositions of same-shape layers (the damping, Cholesky
-factor, ``W C_d``, SVD and solve) run as one batched call per shape (chunks of at most
+factor, ``W C_d``, SVD, projection) run as one batched call per shape (chunks of at most
 :data:`rankwise.adapters.rewrite.BATCH_NUMBERS` entries), on the weights' device, in fp32;
 ``init_report(model)["residual_error"]`` gives each layer's ``||W - s B0 A0||_F / ||W||_F``
 (for ipm the share of ``W`` outside the r principal context components).
@@ -78,20 +86,29 @@ def context_decomposition(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, S, P)`` with ``W = U diag(S) P`` where ``W C_d = U diag(S) V^T`` and ``P = V^T C_d^{-1}``.
 
-    All ``min(out, in)`` components, or only the top ``rank`` (by a randomized SVD with
-    ``niter`` power iterations when ``niter`` is given). Batched: ``weight`` ``(..., out, in)``
-    and ``covariance`` ``(..., in, in)`` give one decomposition per matrix in one call. Raises
-    ValueError when a ``C_d`` is not positive definite (e.g. all-zero inputs).
+    All ``min(out, in)`` components (``P`` by a Cholesky solve), or only the top ``rank`` (by a
+    randomized SVD with ``niter`` power iterations when ``niter`` is given; ``P = diag(S)^{-1}
+    U^T W``, module docstring). Batched: ``weight`` ``(..., out, in)`` and ``covariance``
+    ``(..., in, in)`` give one decomposition per matrix in one call. Raises ValueError when a
+    ``C_d`` is not positive definite (e.g. all-zero inputs).
     """
+    weight = weight.float()
     c_damped = damped_gram(covariance.to(weight.device), damping)
+    not_definite = ValueError("the damped input covariance is not positive definite")
+    if not torch.isfinite(c_damped).all():
+        raise not_definite
+    if rank is not None:
+        if not bool((torch.diagonal(c_damped, dim1=-2, dim2=-1).mean(-1) > 0).all()):
+            raise not_definite
+        u, s, _ = truncated_svd(weight @ c_damped, rank, niter=niter)
+        inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        return u, s, inverse[..., :, None] * (u.mT @ weight)
     factor, info = torch.linalg.cholesky_ex(c_damped)
-    if bool((info != 0).any()) or not torch.isfinite(c_damped).all():
-        raise ValueError("the damped input covariance is not positive definite")
-    context_weight = weight.float() @ c_damped
-    u, s, vh = svd(context_weight) if rank is None else truncated_svd(context_weight, rank, niter=niter)
+    if bool((info != 0).any()):
+        raise not_definite
+    u, s, vh = svd(weight @ c_damped)
     # V^T C_d^{-1} = (C_d^{-1} V)^T because C_d is symmetric.
-    projected = torch.cholesky_solve(vh.mT.contiguous(), factor).mT
-    return u, s, projected
+    return u, s, torch.cholesky_solve(vh.mT.contiguous(), factor).mT
 
 
 @ADAPTERS.register(
