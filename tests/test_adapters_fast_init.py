@@ -9,14 +9,19 @@ first-``r`` factors equal those of the full QR / LU they replace.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from conftest import make_batch, make_llama
 
 from rankwise import adapt, init_report
 from rankwise.adapters import adapter_layers
-from rankwise.adapters import corda, gradient_family, rewrite
+from rankwise.adapters import corda, eva, gradient_family, rewrite
 from rankwise.linalg.decompositions import ldu, signed_qr
+
+# the module, not the function rankwise.linalg re-exports under the same name
+svd_module = importlib.import_module("rankwise.linalg.svd")
 
 BATCHED = ("pissa", "sorsa", "svfit")
 RANK = 4
@@ -283,3 +288,45 @@ def test_corda_top_components_without_the_inverse_equal_the_cholesky_solve(shape
     torch.testing.assert_close(batched[1][0], s, atol=1e-5 * s[0].item(), rtol=0)
     torch.testing.assert_close(batched[1][1], 2 * s, atol=1e-5 * s[0].item(), rtol=0)
     torch.testing.assert_close(batched[2][1], p, atol=1e-5 * p.abs().max().item(), rtol=0)
+
+
+# ----- EVA: one incremental-PCA update per group of identical inputs -------------------------
+
+
+def test_eva_shares_the_update_of_layers_with_identical_inputs():
+    data = calibration()
+    groups = []
+    original = eva._twins
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(eva, "_twins", lambda *a: groups.append(original(*a)) or groups[-1])
+        shared = adapt(make_llama(), "eva", rank=RANK, data=data)
+        patch.setattr(eva, "_twins", lambda blocks, pcas, history: [[name] for name in blocks])
+        separate = adapt(make_llama(), "eva", rank=RANK, data=data)
+    first = {tuple(sorted(name.rsplit(".", 1)[1] for name in group)) for group in groups[0]}
+    assert first == {("k_proj", "q_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
+    for (name, a), b in zip(shared.state_dict().items(), separate.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_eva_randomized_pca_finds_the_exact_components():
+    """Inputs with a geometric spectrum: the randomized step (niter 2, oversampling 10) gives the
+    exact step's components (|cosine| > 0.9999) and the same rank allocation."""
+    generator = torch.Generator().manual_seed(7)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=generator))[0]
+    batches = [(torch.randn(256, 64, generator=generator) * 0.7 ** torch.arange(64)) @ basis.T for _ in range(3)]
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 48))
+
+    exact = adapt(model(), "eva", rank=RANK, targets=["0"], data=batches, tau=0.999)
+    torch.manual_seed(1)
+    calls = []
+    original = svd_module.randomized_svd
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(svd_module, "randomized_svd", lambda *a, **k: calls.append(k["niter"]) or original(*a, **k))
+        fast = adapt(model(), "eva", rank=RANK, targets=["0"], data=batches, tau=0.999, niter=2)
+    assert calls and set(calls) == {2}  # every step of the pass was randomized
+    a_exact, a_fast = exact[0].lora_A.detach(), fast[0].lora_A.detach()
+    assert a_exact.shape == a_fast.shape
+    assert (a_exact * a_fast).sum(dim=1).abs().min() > 0.9999
