@@ -199,7 +199,7 @@ def test_batched_data_init_equals_layer_by_layer(method, options):
     data = calibration()
     batched = adapt(spectral_llama(), method, rank=RANK, data=data, **options)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rewrite, "same_shape_chunks", lambda layers: iter(()))  # each layer its own decomposition
+        patch.setattr(rewrite, "same_shape_chunks", lambda *a: iter(()))  # each layer its own decomposition
         single = adapt(spectral_llama(), method, rank=RANK, data=data, **options)
     for (name, a), b in zip(batched.state_dict().items(), single.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
@@ -330,3 +330,19 @@ def test_eva_randomized_pca_finds_the_exact_components():
     a_exact, a_fast = exact[0].lora_A.detach(), fast[0].lora_A.detach()
     assert a_exact.shape == a_fast.shape
     assert (a_exact * a_fast).sum(dim=1).abs().min() > 0.9999
+
+
+def test_batched_chunks_bound_the_stacked_numbers():
+    """CorDA stacks W and C (in (out + in) numbers a layer): a chunk never holds more than BATCH_NUMBERS."""
+    model = spectral_llama()
+    calls = []
+    original = corda.truncated_svd
+    limit = 3 * 32 * (32 + 32)  # three 32 x 32 layers with their 32 x 32 covariances
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rewrite, "BATCH_NUMBERS", limit)
+        patch.setattr(corda, "truncated_svd", lambda m, *a, **k: calls.append(tuple(m.shape)) or original(m, *a, **k))
+        adapt(model, "corda", rank=RANK, data=calibration())
+    assert calls and sum(shape[0] for shape in calls) == len(adapter_layers(model))
+    for batch, out, inp in calls:
+        assert batch * inp * (out + inp) <= limit or batch == 1
+    assert max(shape[0] for shape in calls if shape[1:] == (32, 32)) == 3  # the 8 attention layers: 3 + 3 + 2

@@ -144,6 +144,7 @@ class CordaLayer(LoraRewriteLayer):
             ready.values(),
             lambda layer: (layer.base_weight(), _covariance(stats[names[id(layer)]]).second_moment().float()),
             lambda first, weights, covariances: first.decompose(weights, covariances),
+            lambda layer: layer.in_features * (layer.out_features + layer.in_features),  # W and C
         )
 
     def decompose(self, weight: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, ...]:

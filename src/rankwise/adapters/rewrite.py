@@ -72,21 +72,29 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-#: at most this many weight entries per batched SVD (256 MiB of float32): bounds the extra memory
+#: at most this many stacked numbers per batched decomposition (256 MiB of float32): bounds the extra memory
 BATCH_NUMBERS = 1 << 26
 
 
-def same_shape_chunks(layers: Iterable[AdapterLayer]) -> Iterator[list[AdapterLayer]]:
+def weight_entries(layer: AdapterLayer) -> int:
+    """``out x in``: the numbers a layer stacks when its batched input is its weight."""
+    return layer.out_features * layer.in_features
+
+
+def same_shape_chunks(
+    layers: Iterable[AdapterLayer], entries: Callable[[AdapterLayer], int] = weight_entries
+) -> Iterator[list[AdapterLayer]]:
     """Layers with the same weight shape, device and rank, two or more, in chunks of at most
-    :data:`BATCH_NUMBERS` weight entries (the options are the same for every layer of one ``adapt``)."""
+    :data:`BATCH_NUMBERS` stacked numbers (``entries(layer)`` per layer; the options are the same
+    for every layer of one ``adapt``)."""
     groups: dict[tuple, list[AdapterLayer]] = {}
     for layer in layers:
         key = (layer.out_features, layer.in_features, str(layer.factory["device"]), layer.rank)
         groups.setdefault(key, []).append(layer)
-    for (out_features, in_features, _, _), members in groups.items():
+    for members in groups.values():
         if len(members) < 2:
             continue
-        size = max(1, BATCH_NUMBERS // (out_features * in_features))
+        size = max(1, BATCH_NUMBERS // entries(members[0]))
         for first in range(0, len(members), size):
             yield members[first:first + size]
 
@@ -95,12 +103,14 @@ def prefetch_batched(
     layers: Iterable[AdapterLayer],
     inputs: Callable[[AdapterLayer], tuple[torch.Tensor, ...]],
     decompose: Callable[..., tuple[torch.Tensor, ...]],
+    entries: Callable[[AdapterLayer], int] = weight_entries,
 ) -> None:
-    """For each chunk of :func:`same_shape_chunks`: stack every layer's ``inputs(layer)`` and run
-    ``decompose(first_layer, *stacked)`` once; each layer's :func:`take_prefetched` then returns
-    its slice of the results. A chunk whose decomposition fails (:class:`SVDFailure`, ValueError)
-    is left to the layers, whose own decomposition names the layer in its error."""
-    for chunk in same_shape_chunks(layers):
+    """For each chunk of :func:`same_shape_chunks` (``entries(layer)``: the numbers of the layer's
+    ``inputs``): stack every layer's ``inputs(layer)`` and run ``decompose(first_layer, *stacked)``
+    once; each layer's :func:`take_prefetched` then returns its slice of the results. A chunk whose
+    decomposition fails (:class:`SVDFailure`, ValueError) is left to the layers, whose own
+    decomposition names the layer in its error."""
+    for chunk in same_shape_chunks(layers, entries):
         stacked = [torch.stack(tensors) for tensors in zip(*(inputs(layer) for layer in chunk))]
         try:
             results = decompose(chunk[0], *stacked)
