@@ -136,8 +136,8 @@ class CordaLayer(LoraRewriteLayer):
 
     @classmethod
     def prepare_initialization(cls, layers: dict[str, LoraRewriteLayer], stats: dict) -> None:
-        """The context decompositions of same-shape layers in one batched call (Cholesky, ``W C_d``,
-        SVD, solve); a layer without statistics is left to its :meth:`initialize` (which refuses it)."""
+        """The context decompositions of same-shape layers in one batched call (damping, ``W C_d``,
+        SVD, ``P``); a layer without statistics is left to its :meth:`initialize` (which refuses it)."""
         ready = {name: layer for name, layer in layers.items() if _covariance(stats.get(name)) is not None}
         names = {id(layer): name for name, layer in ready.items()}
         prefetch_batched(
