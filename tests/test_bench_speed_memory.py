@@ -76,12 +76,22 @@ def test_speed_refresh_modes_measure_energy_against_the_exact_svd(speed_result):
 
 def test_speed_init_rows_compare_residual_errors(speed_result):
     rows = {r["init"]: r for r in speed_result["adapter_init"]}
+    assert {f"rankwise {method} (exact)" for method in speed.INIT_METHODS} <= set(rows)
     exact, fast = rows["rankwise pissa (exact)"], rows["rankwise pissa niter=2"]
     assert exact["residual_error"] <= fast["residual_error"] + 1e-6  # the exact split leaves the least
+    assert rows["rankwise eva (exact)"]["residual_error"] is None  # EVA's base stays W
     if "peft pissa" in rows:  # the same exact decomposition leaves the same residual in both libraries
         assert rows["peft pissa"]["residual_error"] == pytest.approx(exact["residual_error"], rel=1e-4)
         assert fast["vs_peft_pissa_niter_4"] == pytest.approx(
             fast["seconds"] / rows["peft pissa_niter_4"]["seconds"])
+        assert rows["peft olora"]["residual_error"] == pytest.approx(
+            rows["rankwise olora (exact)"]["residual_error"], rel=1e-4)
+        # PEFT's CorDA scales each sequence by its largest entry: a slightly different context
+        assert rows["peft corda"]["residual_error"] == pytest.approx(
+            rows["rankwise corda (exact)"]["residual_error"], rel=1e-2)
+        for row in rows.values():
+            reference = rows[f"peft {speed.INIT_METHODS[row['method']]['peft'][0]}"]
+            assert row["vs_peft"] == pytest.approx(row["seconds"] / reference["seconds"])
 
 
 def test_speed_lora_rows_cover_both_dtypes(speed_result):

@@ -33,14 +33,24 @@ Deviations:
   the budget is redistributed): the adapter framework cannot leave a targeted layer out,
   while the paper (and PEFT) may give a layer rank 0 and drop its adapter;
 - the batches are passed once; PEFT cycles the data until all layers converge;
-- the PCA is exact per step (PEFT uses a randomized low-rank SVD inside its incremental PCA);
-- layers seeing identical inputs (q/k/v) each keep their own PCA instead of sharing one.
+- the PCA is exact per step by default (PEFT always uses a randomized low-rank SVD inside its
+  incremental PCA); option ``niter`` (as PiSSA's) takes each step's top ``k`` components by a
+  randomized SVD with that many power iterations and oversampling 10 instead.
+
+Init cost: each step is one SVD of the ``(k + m + 1) x in`` stacked matrix per layer. Layers
+that see identical inputs (q / k / v) get identical PCA states, so they are grouped (their row
+blocks compared exactly, batch by batch) and each group's update runs once -- the same
+components as one PCA per layer, as PEFT's sharing of equal inputs. EVA leaves the base weight
+as it is (``B = 0``), so ``init_report`` has no residual error for it, and its time is that of
+the data pass, outside ``init_report``'s per-layer seconds.
+
 The pass runs when the per-layer ranks are allocated (``allocate_ranks``), because the number
 of components ``round(rho * r)`` depends on the rank, which ``collect_statistics`` is not given.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -49,6 +59,7 @@ from torch import nn
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE
 from rankwise.adapters.lora_family import StandardLoraLayer
 from rankwise.calibration import LayerStatistics, collect_layer_inputs
+from rankwise.common_options import NITER
 from rankwise.errors import RankwiseError
 from rankwise.layers import features
 from rankwise.linalg.incremental_pca import IncrementalPCA
@@ -97,6 +108,22 @@ def redistribute_ranks(ratios: dict[str, torch.Tensor], budget: int) -> dict[str
     return ranks
 
 
+def _twins(
+    blocks: dict[str, torch.Tensor], pcas: dict[str, IncrementalPCA], history: dict[str, int]
+) -> list[list[str]]:
+    """The layers of ``blocks`` grouped so that each group holds identical PCA states and receives
+    identical rows (q / k / v see the same inputs): one update per group gives every member's."""
+    groups: dict[tuple, list[list[str]]] = {}
+    for name, block in blocks.items():
+        candidates = groups.setdefault((history[name], pcas[name].n_components, tuple(block.shape)), [])
+        twin = next((group for group in candidates if torch.equal(blocks[group[0]], block)), None)
+        if twin is None:
+            candidates.append([name])
+        else:
+            twin.append(name)
+    return [group for candidates in groups.values() for group in candidates]
+
+
 class _EvaPass:
     """The incremental-SVD pass over the data, run once the rank is known."""
 
@@ -105,7 +132,10 @@ class _EvaPass:
 
     def run(self, rank: int, max_components: dict[str, int]) -> tuple[dict[str, IncrementalPCA], dict[str, int]]:
         tau = float(self.options["tau"])
-        pcas = {name: IncrementalPCA(k) for name, k in max_components.items()}
+        pcas = {name: IncrementalPCA(k, niter=self.options["niter"]) for name, k in max_components.items()}
+        # layers with equal history hold identical PCA states (the same blocks folded in, in order)
+        history = {name: 0 for name in self.names}
+        next_state = 1
         similarity: dict[str, torch.Tensor | None] = {name: None for name in self.names}
         ranks = dict(max_components)
         converged = {name: False for name in self.names}
@@ -121,18 +151,25 @@ class _EvaPass:
                 rows = collect_layer_inputs(self.model, active, [batch], lambda m: _MaskedRows(mask))
             except RankwiseError as exc:
                 raise RankwiseError(str(exc).replace("data batch 0", f"data batch {index}", 1)) from exc
+            ready: dict[str, torch.Tensor] = {}
             for name in active:
                 pending[name].extend(rows[name].rows)
                 seen[name] += sum(block.shape[0] for block in rows[name].rows)
-                pca = pcas[name]
-                if sum(block.shape[0] for block in pending[name]) < pca.n_components:
+                if sum(block.shape[0] for block in pending[name]) < pcas[name].n_components:
                     continue  # too few rows for k components yet (a pooler sees one per sequence): pool on
-                block = torch.cat(pending[name])
+                ready[name] = torch.cat(pending[name])
                 pending[name] = []
-                previous = pca.components
-                pca.update(block)
-                if previous is not None and previous.shape == pca.components.shape:
-                    similarity[name] = (previous * pca.components).sum(dim=1).abs()
+            for group in _twins(ready, pcas, history):
+                leader = pcas[group[0]]
+                previous = leader.components
+                leader.update(ready[group[0]])
+                history.update({name: next_state for name in group})
+                next_state += 1
+                for name in group:
+                    # a shallow copy is safe: update() assigns new tensors, never writes into the shared ones
+                    pcas[name] = leader if name == group[0] else copy.copy(leader)
+                    if previous is not None and previous.shape == leader.components.shape:
+                        similarity[name] = (previous * leader.components).sum(dim=1).abs()
             if all(p.components is not None for p in pcas.values()):
                 ranks = redistribute_ranks(
                     {n: p.explained_variance_ratio() for n, p in pcas.items()}, rank * len(self.names)
@@ -170,6 +207,7 @@ class EvaLayer(StandardLoraLayer):
         "adjust_scaling_factors": Option(
             True, bool, help="layer alpha = alpha * r_l / r, so every layer keeps the requested scaling alpha / r"
         ),
+        "niter": NITER,
     }
     statistics = ("input_batches",)  # declares the method data-driven; collection is overridden below
 

@@ -38,7 +38,10 @@ min(out, in))`` and 4 power iterations, which is exact when ``4r >= min(out, in)
 
 Rank limit: the init uses ``2r`` singular triplets, so ``r <= min(in, out) // 2``.
 ``niter`` (optional, as PiSSA's) computes the top ``2r`` triplets by a randomized SVD with
-that many power iterations instead of the exact thin SVD (for large layers). The gradient
+that many power iterations instead of the exact thin SVD (for large layers). The SVDs of
+same-shape layers run as one batched call (:class:`~rankwise.adapters.gradient_family.GradientSVDInit`),
+on the weights' device, in fp32; ``init_report(model)["residual_error"]`` gives each layer's
+``||W - s B0 A0||_F / ||W||_F``. The gradient
 is the mean over the given batches (the paper estimates it on a sampled set of batches the
 same way).
 """
@@ -46,7 +49,7 @@ same way).
 from __future__ import annotations
 
 from rankwise.adapters.base import ADAPTERS, FULL_PRECISION
-from rankwise.adapters.gradient_family import collected_gradient, top_triplets
+from rankwise.adapters.gradient_family import GradientSVDInit
 from rankwise.adapters.rewrite import LoraRewriteLayer
 from rankwise.calibration import LayerStatistics
 from rankwise.common_options import NITER
@@ -60,7 +63,7 @@ from rankwise.options import Option
     arxiv="2407.05000",
     supports=FULL_PRECISION,
 )
-class LoraGaLayer(LoraRewriteLayer):
+class LoraGaLayer(GradientSVDInit, LoraRewriteLayer):
     """LoRA-GA: ``A0 = c V_{1:r}^T``, ``B0 = c U_{r+1:2r}`` of the full gradient; base ``W - s B0 A0``."""
 
     OPTIONS = {
@@ -77,8 +80,11 @@ class LoraGaLayer(LoraRewriteLayer):
     def max_rank(cls, in_features: int, out_features: int) -> int:
         return min(in_features, out_features) // 2
 
+    def svd_rank(self) -> int:
+        return 2 * self.rank
+
     def initialize(self, stats: LayerStatistics | None = None) -> None:
-        u, s, vh = top_triplets(self, collected_gradient(self, stats), 2 * self.rank)
+        u, s, vh = self.gradient_triplets(stats)
         c = self.out_features**0.25 / self.options["gamma"] ** 0.5
         top, next_r = slice(0, self.rank), slice(self.rank, 2 * self.rank)
         a_index, b_index = (top, next_r) if self.options["direction"] == "ArB2r" else (next_r, top)

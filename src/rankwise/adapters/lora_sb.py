@@ -32,7 +32,10 @@ the fine-tuning run that follows: the authors' code computes it as
 warm-up. Pass it as ``update_lr``, or let it be derived from ``train_lr`` / ``warmup_steps``
 (the run's peak learning rate and warm-up steps; with the defaults ``train_lr = 1e-3`` -- the
 authors' GLUE script default -- and no warm-up, ``lr_1 = 1e-3``). ``niter`` selects a
-randomized SVD (as PiSSA's option).
+randomized SVD (as PiSSA's option). The SVDs of same-shape layers run as one batched call
+(:class:`~rankwise.adapters.gradient_family.GradientSVDInit`), on the weights' device, in fp32;
+with ``start_from_update=False`` (the base rewritten) ``init_report(model)["residual_error"]``
+gives ``||W - s B R0 A||_F / ||W||_F`` (the default leaves the base as it is: no residual).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 
 from rankwise.adapters.base import ADAPTERS, LINEAR_LIKE, AdapterLayer
-from rankwise.adapters.gradient_family import collected_gradient, top_triplets
+from rankwise.adapters.gradient_family import GradientSVDInit
 from rankwise.calibration import LayerStatistics
 from rankwise.common_options import NITER
 from rankwise.options import Option
@@ -56,7 +59,7 @@ from rankwise.options import Option
     arxiv="2411.19557",
     supports=LINEAR_LIKE,
 )
-class LoraSbLayer(AdapterLayer):
+class LoraSbLayer(GradientSVDInit, AdapterLayer):
     """``base(x) + s B R A x`` with frozen ``B, A`` from the SVD of the approximated first update."""
 
     OPTIONS = {
@@ -94,11 +97,12 @@ class LoraSbLayer(AdapterLayer):
             return self.options["update_lr"]
         return self.options["train_lr"] / max(self.options["warmup_steps"], 1)
 
+    def svd_matrix(self, gradient: torch.Tensor) -> torch.Tensor:
+        """The approximated first update ``dW_1`` (sign(G) and G have different spectra: the update is decomposed)."""
+        return -self.first_step_lr() * (torch.sign(gradient) if self.options["update"] == "adam" else gradient)
+
     def initialize(self, stats: LayerStatistics | None = None) -> None:
-        gradient = collected_gradient(self, stats)
-        # sign(G) and G have different spectra, so the update (not G) is decomposed.
-        update = -self.first_step_lr() * (torch.sign(gradient) if self.options["update"] == "adam" else gradient)
-        u, s, vh = top_triplets(self, update, self.rank)
+        u, s, vh = self.gradient_triplets(stats)
         with torch.no_grad():
             self.lora_B.copy_(u.to(self.lora_B.dtype))
             self.lora_A.copy_(vh.to(self.lora_A.dtype))

@@ -21,8 +21,14 @@ Deviation: the signs of the QR factors are fixed so that ``diag(R) >= 0``
 sign of each column of ``Q`` and row of ``R``, and the product ``B A`` (hence the residual
 and the training trajectory up to those signs) is the same either way.
 
-Init cost: one QR per layer, on the weight's device, in float32 (fp16 / bf16 weights are
-read in float32; the residual is written back in the weight's dtype). Trainable parameters
+Init cost: only the first r columns of ``Q`` and rows of ``R`` are needed, and they are
+computed without the full QR -- ``Q_r R_11`` is the (signed) thin QR of ``W[:, :r]`` and
+``R[:r, :] = Q_r^T W`` (:func:`~rankwise.linalg.decompositions.signed_qr` with ``rank``): the
+same factors as the full QR's up to rounding, at O(out r^2 + out in r) per layer instead of
+O(out in min(out, in)). Layer by layer (no batching: the cost is one thin QR and one matmul),
+on the weight's device, in float32 (fp16 / bf16 weights are read in float32; the residual is
+written back in the weight's dtype); ``init_report(model)["residual_error"]`` gives each
+layer's ``||W - s Q_r R_r||_F / ||W||_F``. Trainable parameters
 per layer: ``r (in + out)``; the initial factors are kept as buffers ``A0``, ``B0``.
 """
 
@@ -47,7 +53,7 @@ class OloraLayer(LoraRewriteLayer):
 
     def initialize(self, stats: Any = None) -> None:
         try:
-            q, r = signed_qr(self.base_weight())
+            q, r = signed_qr(self.base_weight(), self.rank)
         except ValueError as exc:
             raise self.error(f"cannot take the QR decomposition of the weight ({exc})") from None
-        self.start_from(q[:, : self.rank], r[: self.rank])
+        self.start_from(q, r)

@@ -11,7 +11,7 @@ the buffers ``A0`` / ``B0``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -72,14 +72,63 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
-#: at most this many weight entries per batched SVD (256 MiB of float32): bounds the extra memory
+#: at most this many stacked numbers per batched decomposition (256 MiB of float32): bounds the extra memory
 BATCH_NUMBERS = 1 << 26
+
+
+def weight_entries(layer: AdapterLayer) -> int:
+    """``out x in``: the numbers a layer stacks when its batched input is its weight."""
+    return layer.out_features * layer.in_features
+
+
+def same_shape_chunks(
+    layers: Iterable[AdapterLayer], entries: Callable[[AdapterLayer], int] = weight_entries
+) -> Iterator[list[AdapterLayer]]:
+    """Layers with the same weight shape, device and rank, two or more, in chunks of at most
+    :data:`BATCH_NUMBERS` stacked numbers (``entries(layer)`` per layer; the options are the same
+    for every layer of one ``adapt``)."""
+    groups: dict[tuple, list[AdapterLayer]] = {}
+    for layer in layers:
+        key = (layer.out_features, layer.in_features, str(layer.factory["device"]), layer.rank)
+        groups.setdefault(key, []).append(layer)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        size = max(1, BATCH_NUMBERS // entries(members[0]))
+        for first in range(0, len(members), size):
+            yield members[first:first + size]
+
+
+def prefetch_batched(
+    layers: Iterable[AdapterLayer],
+    inputs: Callable[[AdapterLayer], tuple[torch.Tensor, ...]],
+    decompose: Callable[..., tuple[torch.Tensor, ...]],
+    entries: Callable[[AdapterLayer], int] = weight_entries,
+) -> None:
+    """For each chunk of :func:`same_shape_chunks` (``entries(layer)``: the numbers of the layer's
+    ``inputs``): stack every layer's ``inputs(layer)`` and run ``decompose(first_layer, *stacked)``
+    once; each layer's :func:`take_prefetched` then returns its slice of the results. A chunk whose
+    decomposition fails (:class:`SVDFailure`, ValueError) is left to the layers, whose own
+    decomposition names the layer in its error."""
+    for chunk in same_shape_chunks(layers, entries):
+        stacked = [torch.stack(tensors) for tensors in zip(*(inputs(layer) for layer in chunk))]
+        try:
+            results = decompose(chunk[0], *stacked)
+        except (SVDFailure, ValueError):
+            continue
+        for index, layer in enumerate(chunk):
+            layer.prefetched = tuple(result[index].clone() for result in results)  # own memory
+
+
+def take_prefetched(layer: AdapterLayer) -> tuple[torch.Tensor, ...] | None:
+    """The layer's share of :func:`prefetch_batched` (once), or None when it was not batched."""
+    return layer.__dict__.pop("prefetched", None)
 
 
 def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` ``U_r, S_r, Vh_r`` of the layer's weight in float32, on its device (the ones
     :func:`prefetch_principal_triplets` computed in a batch, when it did)."""
-    prefetched = layer.__dict__.pop("prefetched_triplets", None)
+    prefetched = take_prefetched(layer)
     if prefetched is not None:
         return prefetched
     try:
@@ -89,28 +138,13 @@ def principal_triplets(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def prefetch_principal_triplets(layers: dict[str, AdapterLayer]) -> None:
-    """The top-``rank`` SVDs of every weight, same-shape weights (same device, rank and ``niter``)
-    stacked into batched calls of at most :data:`BATCH_NUMBERS` entries; each layer's
-    :func:`principal_triplets` then returns its share. A batch that fails is left to the layers
-    (whose own SVD names the layer in its error)."""
-    batches: dict[tuple, list[AdapterLayer]] = {}
-    for layer in layers.values():
-        key = (layer.out_features, layer.in_features, str(layer.factory["device"]), layer.rank, layer.options["niter"])
-        batches.setdefault(key, []).append(layer)
-    for (out_features, in_features, _, rank, niter), members in batches.items():
-        if len(members) < 2:
-            continue
-        size = max(1, BATCH_NUMBERS // (out_features * in_features))
-        for first in range(0, len(members), size):
-            chunk = members[first:first + size]
-            try:
-                u, s, vh = truncated_svd(torch.stack([layer.base_weight() for layer in chunk]), rank, niter=niter)
-            except SVDFailure:
-                continue
-            for index, layer in enumerate(chunk):
-                layer.prefetched_triplets = (u[index].clone(), s[index].clone(), vh[index].clone())  # own memory
-
-
+    """The top-``rank`` SVDs of every weight, same-shape weights stacked into batched calls
+    (:func:`prefetch_batched`); each layer's :func:`principal_triplets` then returns its share."""
+    prefetch_batched(
+        layers.values(),
+        lambda layer: (layer.base_weight(),),
+        lambda first, weights: truncated_svd(weights, first.rank, niter=first.options["niter"]),
+    )
 class BatchedPrincipalInit:
     """Mixin of the inits built on :func:`principal_triplets`: their SVDs run batched over
     same-shape layers (``AdapterLayer.prepare_initialization``)."""

@@ -22,23 +22,28 @@ first block is simply centred and decomposed. Then
 is the share of the total (centred) variance carried by component ``i``. Computed in float32
 (float64 when asked) on the rows' device; each component's sign is fixed so that its largest
 absolute entry is positive, which makes consecutive estimates comparable by cosine.
+
+``niter`` (optional): the top ``k`` of each step by a randomized SVD with that many power
+iterations (:func:`rankwise.linalg.svd.truncated_svd`, oversampling 10) instead of the exact
+thin SVD of the stacked matrix; the error bound is Halko et al.'s (see ``randomized_svd``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rankwise.linalg.svd import svd
+from rankwise.linalg.svd import truncated_svd
 
 
 class IncrementalPCA:
     """Top-``n_components`` principal directions of all rows passed to :meth:`update`."""
 
-    def __init__(self, n_components: int, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, n_components: int, *, dtype: torch.dtype = torch.float32, niter: int | None = None) -> None:
         if n_components < 1:
             raise ValueError(f"n_components must be positive, got {n_components}")
         self.n_components = n_components
         self.dtype = dtype
+        self.niter = niter
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.variance: torch.Tensor | None = None  # population variance per feature
@@ -70,9 +75,8 @@ class IncrementalPCA:
             new_mean = self.mean + shift * (-m / total)
             # Chan et al.'s pairwise update of the sum of squared deviations.
             new_variance = (n * self.variance + m * block_variance + shift**2 * (n * m / total)) / total
-        _, s, vh = svd(stacked, dtype=self.dtype)
-        keep = min(self.n_components, vh.shape[0])
-        vh, s = vh[:keep], s[:keep]
+        keep = min(self.n_components, *stacked.shape)
+        _, s, vh = truncated_svd(stacked, keep, niter=self.niter, dtype=self.dtype)
         peak = vh.abs().argmax(dim=1)
         signs = torch.sign(vh.gather(1, peak[:, None]))
         signs[signs == 0] = 1

@@ -15,10 +15,20 @@ repetitions) with the load average recorded, and reports ratios:
 2. **Refresh modes** on one ``1024 x 2752`` gradient (the width-1024 ``down_proj``): time of the
    exact SVD, randomized range finder and warm start (from the exact basis of another batch's
    gradient at the same weights), and the captured energy ``||P^T G||^2 / sum_{i<r} s_i^2``.
-3. **Adapter init**: PiSSA on every Linear layer of all-MiniLM-L6-v2, rank 16, exact and
-   randomized (niter 1, 2, 4; oversampling 10; batched over same-shape layers) against PEFT's
-   ``init_lora_weights="pissa"`` and ``"pissa_niter_4"``, with each one's residual error
-   ``sqrt(sum ||W_res||^2 / sum ||W||^2)`` (rankwise from ``init_report``).
+3. **Adapter init** on all-MiniLM-L6-v2, rank 16 (alpha = rank), of the SVD-based inits PEFT
+   also has, each against PEFT's ``init_lora_weights`` of the same init, with each one's
+   residual error ``sqrt(sum ||W_res||^2 / sum ||W||^2)`` (rankwise from ``init_report``) and
+   the time ratio to PEFT's exact row of the same method (``vs_peft``):
+   PiSSA on every Linear layer, exact and randomized (niter 1, 2, 4; oversampling 10; batched
+   over same-shape layers) against ``"pissa"`` and ``"pissa_niter_4"``; OLoRA (every Linear;
+   the leading-columns QR) against ``"olora"``; CorDA ipm (every Linear but the pooler, exact and
+   randomized) against ``"corda"`` with ``preprocess_corda``; EVA (the same layers, exact and
+   randomized PCA steps) against ``"eva"`` with ``initialize_lora_eva_weights`` (no residual:
+   its base stays ``W``). CorDA's and EVA's times include their data pass (2 batches of 8 x 64
+   seeded random tokens; PEFT's CorDA hook takes one sequence per forward and scales each by its
+   largest entry, so its covariance -- and residual -- differ slightly from rankwise's; EVA stops
+   after the second batch in both: rankwise ``tau=0``, PEFT ``tau=-1``, since PEFT otherwise
+   cycles the data until convergence).
 4. **LoRA train step** (forward + backward + AdamW step) on all-MiniLM-L6-v2, targets
    query / key / value / dense, batch 16 x 64, ranks 8, 16, 64, fp32 and bf16 weights, against
    PEFT's LoRA on the same model.
@@ -56,6 +66,23 @@ LORA_RANKS = (8, 16, 64)
 LORA_TARGETS = ["query", "key", "value", "dense"]
 PISSA_RANK = 16
 PISSA_NITERS = (1, 2, 4)
+INIT_BATCHES = 2
+#: every Linear of a BERT encoder but the pooler, which sees one row per sequence: too few for EVA's
+#: components on two batches, and PEFT's CorDA hook (one sequence per forward) takes its 1-D input
+#: for a matrix
+ENCODER_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
+#: section 3: rankwise method -> its options, targets, whether it takes data / has a niter option /
+#: rewrites the base, and PEFT's ``init_lora_weights`` of the same init (the exact one first)
+INIT_METHODS: dict[str, dict[str, Any]] = {
+    "pissa": {"options": {}, "targets": "all-linear", "data": False, "randomized": True, "rewrites": True,
+              "peft": ("pissa", "pissa_niter_4")},
+    "olora": {"options": {}, "targets": "all-linear", "data": False, "randomized": False, "rewrites": True,
+              "peft": ("olora",)},
+    "corda": {"options": {"mode": "ipm"}, "targets": ENCODER_TARGETS, "data": True, "randomized": True,
+              "rewrites": True, "peft": ("corda",)},
+    "eva": {"options": {"tau": 0.0}, "targets": ENCODER_TARGETS, "data": True, "randomized": True,
+            "rewrites": False, "peft": ("eva",)},
+}
 MODES = ("svd", "randomized", "warm")
 #: rankwise optimizer -> reference package (rankwise.bench.references); every mode is run for
 #: the SVD-based ones
@@ -287,9 +314,53 @@ def _residual(pairs) -> float:
     return (num / den) ** 0.5
 
 
+def init_batches(vocab: int, *, batches: int = INIT_BATCHES, batch: int = 8, seq: int = 64) -> list[dict[str, Any]]:
+    """The calibration batches of the data-driven inits (CorDA, EVA): seeded random token ids."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+             "attention_mask": torch.ones(batch, seq, dtype=torch.long)} for _ in range(batches)]
+
+
+def _peft_init(peft, base, method: str, kind: str, rank: int, targets: list[str], data: list[dict[str, Any]]):
+    """PEFT's model adapted with ``init_lora_weights=kind`` (its data pass included for CorDA / EVA)."""
+    import torch
+
+    options: dict[str, Any] = {}
+    if method == "corda":
+        from peft.tuners.lora.config import CordaConfig
+
+        options["corda_config"] = CordaConfig(corda_method="ipm")
+    if method == "eva":
+        options["eva_config"] = peft.EvaConfig(rho=2.0, tau=0.0)
+        options["eva_config"].tau = -1.0  # stop after the 2nd batch, as rankwise's tau=0 (past EvaConfig's check)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=kind, **options)
+    model = copy.deepcopy(base)
+    if method == "corda":
+        from peft.tuners.lora.corda import preprocess_corda
+
+        def run_model():  # PEFT's covariance hook takes one sequence per forward
+            for batch in data:
+                for index in range(batch["input_ids"].shape[0]):
+                    model(**{key: value[index:index + 1] for key, value in batch.items()})
+
+        with torch.no_grad():
+            preprocess_corda(model, config, run_model=run_model)
+    adapted = peft.get_peft_model(model, config)
+    if method == "eva":
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        with torch.no_grad():
+            initialize_lora_eva_weights(adapted, dataloader=data, show_progress_bar=False)
+    return adapted
+
+
 def adapter_init(model=None, *, rank: int = PISSA_RANK, niters: tuple[int, ...] = PISSA_NITERS,
-                 repeats: int = INIT_REPEATS) -> list[dict[str, Any]]:
-    """Section 3: PiSSA init time and residual error, rankwise against PEFT (rows also without PEFT)."""
+                 repeats: int = INIT_REPEATS, methods: tuple[str, ...] = tuple(INIT_METHODS),
+                 batch: int = 8, seq: int = 64) -> list[dict[str, Any]]:
+    """Section 3: init time and residual error of the SVD-based inits PEFT also has, rankwise against
+    PEFT (rows also without PEFT). The data-driven ones (CorDA, EVA) are timed with their data pass."""
     import torch
 
     from rankwise import adapt, init_report
@@ -299,55 +370,71 @@ def adapter_init(model=None, *, rank: int = PISSA_RANK, niters: tuple[int, ...] 
     if base is None:
         return []
     originals = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    results: dict[str, float] = {}
+    data = init_batches(base.config.vocab_size, batch=batch, seq=seq)
+    results: dict[str, float | None] = {}
 
-    def ours(niter):
+    def ours(method, niter):
+        spec = INIT_METHODS[method]
+        options = {**spec["options"], **({"niter": niter} if niter else {})}
+        if spec["data"]:
+            options["data"] = data
+
         def init():
-            adapted = adapt(copy.deepcopy(base), "pissa", rank=rank, **({"niter": niter} if niter else {}))
+            adapted = adapt(copy.deepcopy(base), method, rank=rank, targets=spec["targets"], **options)
             report = init_report(adapted)["residual_error"]
             layers = adapter_layers(adapted)
-            results[label_of(niter)] = _residual(
-                [(report[n] * originals[n].norm(), originals[n].norm()) for n in layers])
+            results[label_of(method, niter)] = _residual(
+                [(report[n] * originals[n].norm(), originals[n].norm()) for n in layers]) if report else None
         return init
 
-    def label_of(niter):
-        return "rankwise pissa" + (f" niter={niter}" if niter else " (exact)")
+    def label_of(method, niter):
+        return f"rankwise {method}" + (f" niter={niter}" if niter else " (exact)")
 
-    contenders = {label_of(n): ours(n) for n in (None, *niters)}
+    contenders, method_of = {}, {}
+    for method in methods:
+        for niter in (None, *(niters if INIT_METHODS[method]["randomized"] else ())):
+            contenders[label_of(method, niter)] = ours(method, niter)
+            method_of[label_of(method, niter)] = method
     try:
         import peft
     except ImportError:
         peft = None
+    references: dict[str, str] = {}  # method -> the label of PEFT's row of the same (exact) decomposition
     if peft is not None:
-        targets = sorted({n.split(".")[-1] for n in originals})
+        def theirs(method, kind):
+            spec = INIT_METHODS[method]
+            targets = spec["targets"] if spec["targets"] != "all-linear" else sorted({n.split(".")[-1] for n in originals})
 
-        def theirs(kind):
             def init():
-                config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=kind)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    adapted = peft.get_peft_model(copy.deepcopy(base), config)
+                    adapted = _peft_init(peft, base, method, kind, rank, targets, data)
                 pairs = []
                 for name, module in adapted.named_modules():
                     if hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
                         key = name.removeprefix("base_model.model.")
                         pairs.append((module.base_layer.weight.detach(), originals[key]))
-                results[f"peft {kind}"] = _residual(pairs)
+                # EVA's base stays W (B = 0): no residual, as rankwise's init_report
+                results[f"peft {kind}"] = _residual(pairs) if spec["rewrites"] else None
             return init
 
-        contenders.update({f"peft {kind}": theirs(kind) for kind in ("pissa", "pissa_niter_4")})
+        for method in methods:
+            kinds = INIT_METHODS[method]["peft"]
+            contenders.update({f"peft {kind}": theirs(method, kind) for kind in kinds})
+            method_of.update({f"peft {kind}": method for kind in kinds})
+            references[method] = f"peft {kinds[0]}"
     load = load_average()
     seconds = interleaved(contenders, repeats, torch.device("cpu"))
-    reference = seconds.get("peft pissa_niter_4")
-    exact_reference = seconds.get("peft pissa")
     rows = []
     for label in contenders:
-        row = {"init": label, "rank": rank, "seconds": seconds[label], "residual_error": results[label],
-               "load_average": load}
-        if reference:
-            row["vs_peft_pissa_niter_4"] = seconds[label] / reference
-        if exact_reference:
-            row["vs_peft_pissa"] = seconds[label] / exact_reference
+        method = method_of[label]
+        row = {"init": label, "method": method, "rank": rank, "seconds": seconds[label],
+               "residual_error": results[label], "load_average": load}
+        if method in references:
+            row["vs_peft"] = seconds[label] / seconds[references[method]]
+        if method == "pissa" and "peft pissa_niter_4" in seconds:
+            row["vs_peft_pissa_niter_4"] = seconds[label] / seconds["peft pissa_niter_4"]
+            row["vs_peft_pissa"] = seconds[label] / seconds["peft pissa"]
         rows.append(row)
     return rows
 
@@ -419,11 +506,12 @@ def _print(result: dict[str, Any]) -> None:
     for r in result["refresh_modes"]:
         print(f"{r['matrix']:12s} r {r['rank']:4d} {r['mode']:22s} {r['seconds']:8.3f} s  "
               f"{r['speedup_vs_svd']:6.1f}x faster than svd  energy {r['captured_energy']:.4f}  load {r['load_average']:.1f}")
-    print("\n== speed: PiSSA init on all-MiniLM-L6-v2 ==")
+    print("\n== speed: adapter init on all-MiniLM-L6-v2 (x peft: against PEFT's exact row of the method) ==")
     for r in result["adapter_init"]:
-        ratio = r.get("vs_peft_pissa_niter_4")
-        print(f"{r['init']:28s} {r['seconds']:7.3f} s  residual {r['residual_error']:.5f}"
-              f"{'' if ratio is None else f'  {ratio:.2f}x peft pissa_niter_4'}  load {r['load_average']:.1f}")
+        ratio, fast_ratio, residual = r.get("vs_peft"), r.get("vs_peft_pissa_niter_4"), r["residual_error"]
+        print(f"{r['init']:28s} {r['seconds']:7.3f} s  residual {'-' if residual is None else f'{residual:.5f}':>7s}"
+              f"{'' if ratio is None else f'  {ratio:.2f}x peft'}"
+              f"{'' if fast_ratio is None else f'  {fast_ratio:.2f}x peft pissa_niter_4'}  load {r['load_average']:.1f}")
     print("\n== speed: LoRA train step on all-MiniLM-L6-v2 (batch 16 x 64) ==")
     for r in result["lora_steps"]:
         print(f"{r['dtype']:9s} r {r['rank']:3d}  rankwise {r['rankwise_s'] * 1e3:8.1f} ms  peft {r['peft_s'] * 1e3:8.1f} ms"
