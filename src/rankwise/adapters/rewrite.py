@@ -145,6 +145,8 @@ def prefetch_principal_triplets(layers: dict[str, AdapterLayer]) -> None:
         lambda layer: (layer.base_weight(),),
         lambda first, weights: truncated_svd(weights, first.rank, niter=first.options["niter"]),
     )
+
+
 class BatchedPrincipalInit:
     """Mixin of the inits built on :func:`principal_triplets`: their SVDs run batched over
     same-shape layers (``AdapterLayer.prepare_initialization``)."""

@@ -123,10 +123,14 @@ def uniform(context: AllocationContext) -> Allocation:
 
 def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
     """WeLore's ``(s - s_min) / (s_max - s_min)`` of a matrix's singular values (descending);
-    all ones for a flat spectrum (nothing to drop)."""
-    singular_values = svd(weight)[1].to(torch.float64)
+    all ones for a flat spectrum (nothing to drop): one whose spread is within the SVD's rounding,
+    ``eps s_max max(m, n)`` (computed singular values of an exactly flat spectrum differ by ~1e-15
+    relative, and normalising that noise would make it look heavy-tailed)."""
+    computed = svd(weight)[1]
+    singular_values = computed.to(torch.float64)
     spread = singular_values.max() - singular_values.min()
-    if not spread > 0:
+    rounding = torch.finfo(computed.dtype).eps * singular_values.max() * max(weight.shape[-2:])
+    if not spread > rounding:
         return torch.ones_like(singular_values)
     return (singular_values - singular_values.min()) / spread
 
