@@ -18,7 +18,7 @@ SETUPS: list[SetUp] = [
     # QLoRA: the same LoRA over an NF4 base (rankwise.quantize), the base held in 4 bits while training
     SetUp("qlora", "quantized_adapter", "lora", lr=3e-3, rank=8, default=False),
     # WeLore (arXiv 2407.11239): the base compressed to 50% of its weights, only the low-rank components trained
-    SetUp("welore (50%, LRC only)", "compress_lrc", "welore", lr=3e-4, ratio=0.5, default=False),
+    SetUp("welore 50% (LRC only)", "compress_lrc", "welore", lr=3e-4, ratio=0.5, default=False),
     SetUp("lora+ (ratio 16)", "adapter", "lora", lr=1e-3, rank=8, default=False,
           optimizer_options={"loraplus_lr_ratio": 16}),
     SetUp("lora_pro", "adapter", "lora_pro", lr=3e-3, rank=8, default=False),
