@@ -44,9 +44,8 @@ _HALF = 0.5  # rank = half the model width
 _GAP = {"update_proj_gap": Steps(0.25)}
 
 #: Chosen by ``rankwise bench --suite pretrain`` (preset quick: tiny LLaMA, 200 steps of 8 x 64 tokens,
-#: grid 1e-3 .. 3e-2, extended by the sweep to 3.3e-4 for the rows whose best sat at 1e-3, selection on the
-#: first validation half, seed 0); regenerate with that command,
-#: which prints this literal.
+#: grid 1e-3, 3e-3, 1e-2, extended by the sweep to 3.3e-4 / 3.3e-2 for the rows whose best sat at an end,
+#: selection on the first validation half, seed 0); regenerate with that command, which prints this literal.
 SWEPT_LR: dict[str, float] = {
     "adamw": 1e-3,
     "galore": 1e-2,
