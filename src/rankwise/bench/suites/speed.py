@@ -511,17 +511,20 @@ def _print(result: dict[str, Any]) -> None:
                   f"{r['amortised_s'] * 1e3:10.1f}{r['steady_vs_adamw']:9.2f}{r['amortised_vs_adamw']:9.2f}"
                   f"{'' if ref is None else f'{ref:.2f}':>7s}{'' if energy is None else f'{energy:.4f}':>8s}"
                   f"{r['load_average']:6.1f}")
-    print("\n== speed: refresh modes ==")
+    if result["refresh_modes"]:
+        print("\n== speed: refresh modes ==")
     for r in result["refresh_modes"]:
         print(f"{r['matrix']:12s} r {r['rank']:4d} {r['mode']:22s} {r['seconds']:8.3f} s  "
               f"{r['speedup_vs_svd']:6.1f}x faster than svd  energy {r['captured_energy']:.4f}  load {r['load_average']:.1f}")
-    print("\n== speed: adapter init on all-MiniLM-L6-v2 (x peft: against PEFT's exact row of the method) ==")
+    if result["adapter_init"]:
+        print("\n== speed: adapter init on all-MiniLM-L6-v2 (x peft: against PEFT's exact row of the method) ==")
     for r in result["adapter_init"]:
         ratio, fast_ratio, residual = r.get("vs_peft"), r.get("vs_peft_pissa_niter_4"), r["residual_error"]
         print(f"{r['init']:28s} {r['seconds']:7.3f} s  residual {'-' if residual is None else f'{residual:.5f}':>7s}"
               f"{'' if ratio is None else f'  {ratio:.2f}x peft'}"
               f"{'' if fast_ratio is None else f'  {fast_ratio:.2f}x peft pissa_niter_4'}  load {r['load_average']:.1f}")
-    print("\n== speed: LoRA train step on all-MiniLM-L6-v2 (batch 16 x 64) ==")
+    if result["lora_steps"]:
+        print("\n== speed: LoRA train step on all-MiniLM-L6-v2 (batch 16 x 64) ==")
     for r in result["lora_steps"]:
         print(f"{r['dtype']:9s} r {r['rank']:3d}  rankwise {r['rankwise_s'] * 1e3:8.1f} ms  peft {r['peft_s'] * 1e3:8.1f} ms"
               f"  {r['vs_peft']:.3f}x  load {r['load_average']:.1f}")
@@ -564,7 +567,8 @@ def run(context) -> list[Path]:
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "optimizer_steps": [], "refresh_modes": [],
                               "adapter_init": [], "lora_steps": []}
     for section, rows in sections():
+        new = rows[len(result[section]):]  # a section may come back with more rows (one width at a time)
         result[section] = rows
         path.write_text(json.dumps(result, indent=2))
-        _print({**result, **{k: [] for k in result if k not in (section, "torch_threads")}})
+        _print({**{k: [] for k in result if k != "torch_threads"}, section: new})
     return [path]
