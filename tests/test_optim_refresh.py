@@ -198,3 +198,28 @@ def test_fast_modes_capture_the_exact_energy_of_real_gradients(mode):
 def test_unknown_refresh_mode_names_the_accepted_ones():
     with pytest.raises(RankwiseError, match="randomized"):
         optim.build(make_llama(), "galore", lr=1e-2, rank=4, refresh="lanczos")
+
+
+def test_add_back_equals_the_unfused_update_for_every_side_and_a_custom_basis():
+    """``target += alpha L low R^T`` by addmm_ gives the same weights as adding ``project_back(low)``; a basis
+    subclass with its own ``project_back`` (no factors) is honoured, not read as the identity."""
+    from dataclasses import dataclass
+
+    from rankwise.linalg.projections import Basis
+
+    gen = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(12, 3, generator=gen, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64))[0]
+    weight = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    for basis, low in [(Basis(left, None), torch.randn(3, 8, generator=gen, dtype=torch.float64)),
+                       (Basis(None, right), torch.randn(12, 3, generator=gen, dtype=torch.float64)),
+                       (Basis(left, right), torch.randn(3, 3, generator=gen, dtype=torch.float64))]:
+        expected = weight + 0.3 * basis.project_back(low)
+        torch.testing.assert_close(basis.add_back_(weight.clone(), low, 0.3), expected, rtol=0, atol=1e-14)
+
+    @dataclass(frozen=True)
+    class Doubling(Basis):
+        def project_back(self, low):
+            return 2 * low
+
+    torch.testing.assert_close(Doubling(None, None).add_back_(weight.clone(), weight, 1.0), 3 * weight)

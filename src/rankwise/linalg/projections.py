@@ -99,8 +99,11 @@ class Basis:
 
         The last product is accumulated into ``target`` by one ``addmm_`` instead of
         materialising the ``m x n`` update (one full-size temporary and two passes over it
-        less per step); mixed dtypes take the unfused path.
+        less per step); mixed dtypes, and a subclass with its own :meth:`project_back` (a
+        coordinate basis without factors), take the unfused path.
         """
+        if type(self).project_back is not Basis.project_back:
+            return target.add_(self.project_back(low), alpha=alpha)
         if self.left is not None and self.right is not None:
             first, second = self.left @ low, self.right.T
         elif self.left is not None:
