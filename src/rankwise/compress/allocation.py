@@ -66,6 +66,7 @@ from torch import nn
 from rankwise.calibration import LayerStatistics, run_batch
 from rankwise.compress.plan import LayerSpec, kept_parameters, storage_for
 from rankwise.compress.statistics import LossFn, batch_loss
+from rankwise.compress.whitening import gram_of
 from rankwise.errors import RankwiseError
 from rankwise.layers import dense_weight, layer_kind
 from rankwise.linalg.svd import svd
@@ -301,9 +302,9 @@ def truncation_loss(context: AllocationContext, spec: LayerSpec, rank: int) -> f
     up, down = context.compressor.factorize(spec.name, layer, rank, stats)
     error = dense_weight(layer).to(torch.float64) - up.to(torch.float64) @ down.to(torch.float64)
     covariance = None if stats is None else stats.input_covariance
-    if covariance is None or covariance.count == 0:
+    if covariance is None:
         return float(torch.linalg.matrix_norm(error))
-    gram = covariance.gram.to(device=error.device, dtype=torch.float64)
+    gram = gram_of(covariance).to(error.device)  # refuses a layer that saw no rows, as the methods do
     return float(torch.einsum("oi,ij,oj->", error, gram, error).clamp_min(0.0).sqrt())
 
 
